@@ -1,0 +1,27 @@
+# Two entry points: `make train` (install + the enwik8 run) and `make test` (install + tests).
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+WORKDIR ?= runs/megalodon
+PYTEST_ARGS ?=
+
+.PHONY: install train test bench lint
+
+$(VENV)/.installed: requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+train: install
+	$(PY) main.py --config=configs/megalodon.py --workdir=$(WORKDIR)
+
+test: install
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
+
+bench: install
+	$(PY) benchmarks/bench_model.py

@@ -1,0 +1,242 @@
+"""Model configuration: a frozen, validated dataclass with the fields of the Megalodon spec.
+
+Every invalid value fails at construction with a message naming the field and the rule.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import jax.numpy as jnp
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+_INIT_MODES = ("he", "bert", "gaussian", "xavier")
+_CEMA_PATHS = ("fft", "scan", "sequential")
+
+
+class ConfigError(ValueError):
+    """Raised for an invalid configuration value."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MegalodonConfig:
+    """Hyper-parameters of the Megalodon causal LM (names follow megalodon-hf).
+
+    Attributes beyond the HF fields:
+      bias_topology: "hf" (bias on all 8 internal linears) or "upstream" (none on wh2, fc1-3).
+      tie_policy: "hf" (tie the head iff output width == vocab) or "explicit" (iff share_emb).
+      timestep_norm_variant: "upstream" (block Welford) or "hf" (megalodon-hf's formula).
+      rope_layout: "adjacent" (pairs (2j, 2j+1)) or "half_split" (pairs (j, j + Dh/2)).
+      cema_path: CEMA algorithm for uncached calls: "fft", "scan" (associative) or
+        "sequential" (lax.scan recurrence).
+      sequential_cema_below: cached calls shorter than this use the sequential recurrence;
+        longer ones use the FFT path with the initial-state bias and closed-form state.
+      cema_block_size: lags per block when building CEMA powers (bounds temporaries).
+      param_dtype: storage dtype of ordinary parameters (the sensitive set stays float32).
+      compute_dtype: dtype of matmul inputs and activations; CEMA, TimestepNorm, norms,
+        softmax and logits always compute in float32.
+      remat: rematerialize each block in the backward pass.
+    """
+
+    vocab_size: int = 32000
+    model_dim: int = 1024
+    num_layers: int = 12
+    num_heads: int = 1
+    z_dim: int = 256
+    value_dim: int = 2048
+    ffn_hidden_dim: int = 2560
+    cema_ndim: int = 16
+    chunk_size: int = 2048
+    norm_num_groups: int = 32
+    dropout: float = 0.0
+    attention_dropout: float = 0.0
+    hidden_dropout: float = 0.0
+    swiglu: bool = False
+    rescale_nffn: bool = False
+    scale_emb: bool = False
+    share_emb: bool = False
+    norm_affine: bool = True
+    norm_eps: float = 1e-5
+    init_mode: str = "he"
+    rope_base: float | None = None
+    output_size: int = -1
+    pad_token_id: int = 0
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+    bias_topology: str = "hf"
+    tie_policy: str = "hf"
+    timestep_norm_variant: str = "upstream"
+    rope_layout: str = "adjacent"
+    cema_path: str = "fft"
+    sequential_cema_below: int = 32
+    cema_block_size: int = 4096
+    param_dtype: str = "float32"
+    compute_dtype: str = "float32"
+    remat: bool = False
+
+    def __post_init__(self) -> None:
+        self._validate()
+
+    # ------------------------------------------------------------------ validation
+    def _validate(self) -> None:
+        positive = (
+            "vocab_size",
+            "model_dim",
+            "num_layers",
+            "num_heads",
+            "z_dim",
+            "value_dim",
+            "ffn_hidden_dim",
+            "cema_ndim",
+            "chunk_size",
+            "norm_num_groups",
+            "sequential_cema_below",
+            "cema_block_size",
+        )
+        for name in positive:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError(f"{name} must be an int, got {value!r}")
+            if value <= 0:
+                raise ConfigError(f"{name} must be positive, got {value}")
+        if self.z_dim % self.num_heads:
+            raise ConfigError(
+                f"z_dim ({self.z_dim}) must be divisible by num_heads ({self.num_heads})"
+            )
+        if self.value_dim % self.num_heads:
+            raise ConfigError(
+                f"value_dim ({self.value_dim}) must be divisible by num_heads ({self.num_heads})"
+            )
+        if (self.z_dim // self.num_heads) % 2:
+            raise ConfigError(
+                f"head width z_dim/num_heads = {self.z_dim // self.num_heads} must be even "
+                "(RoPE rotates pairs)"
+            )
+        if self.model_dim % self.norm_num_groups:
+            raise ConfigError(
+                f"model_dim ({self.model_dim}) must be divisible by norm_num_groups "
+                f"({self.norm_num_groups})"
+            )
+        for name in ("dropout", "attention_dropout", "hidden_dropout"):
+            value = getattr(self, name)
+            if not (0.0 <= float(value) < 1.0):
+                raise ConfigError(f"{name} must be in [0, 1), got {value}")
+        if not (math.isfinite(self.norm_eps) and self.norm_eps > 0):
+            raise ConfigError(f"norm_eps must be positive and finite, got {self.norm_eps}")
+        if self.rope_base is not None and not (
+            math.isfinite(self.rope_base) and self.rope_base > 0
+        ):
+            raise ConfigError(f"rope_base must be positive if given, got {self.rope_base}")
+        if self.output_size != -1 and self.output_size <= 0:
+            raise ConfigError(f"output_size must be -1 or positive, got {self.output_size}")
+        for name, allowed in (
+            ("init_mode", _INIT_MODES),
+            ("bias_topology", ("hf", "upstream")),
+            ("tie_policy", ("hf", "explicit")),
+            ("timestep_norm_variant", ("upstream", "hf")),
+            ("rope_layout", ("adjacent", "half_split")),
+            ("cema_path", _CEMA_PATHS),
+        ):
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ConfigError(f"{name} must be one of {allowed}, got {value!r}")
+        for name in ("param_dtype", "compute_dtype"):
+            value = getattr(self, name)
+            if str(value) in ("float16", "half", "fp16"):
+                raise ConfigError(
+                    f"{name}=float16 is not supported: CEMA powers, FFT sums, TimestepNorm "
+                    "moments and unscaled attention logits exceed float16 range/precision; "
+                    "use float32 or bfloat16"
+                )
+            if value not in _DTYPES:
+                raise ConfigError(f"{name} must be one of {tuple(_DTYPES)}, got {value!r}")
+        if self.share_emb and self.output_width != self.vocab_size:
+            raise ConfigError(
+                f"share_emb requires output_size == vocab_size, got {self.output_width} != "
+                f"{self.vocab_size}"
+            )
+
+    # ------------------------------------------------------------------ derived values
+    @property
+    def head_dim(self) -> int:
+        """Per-head Q/K width Dh = z_dim / num_heads."""
+        return self.z_dim // self.num_heads
+
+    @property
+    def value_head_dim(self) -> int:
+        """Per-head value width Dv = value_dim / num_heads."""
+        return self.value_dim // self.num_heads
+
+    @property
+    def output_width(self) -> int:
+        """LM-head width V_out."""
+        return self.vocab_size if self.output_size == -1 else self.output_size
+
+    @property
+    def tied(self) -> bool:
+        """Whether the LM head reuses the input embedding."""
+        if self.tie_policy == "hf":
+            return self.output_width == self.vocab_size
+        return self.share_emb
+
+    @property
+    def effective_rope_base(self) -> float:
+        return 10000.0 if self.rope_base is None else float(self.rope_base)
+
+    @property
+    def params_jnp_dtype(self) -> Any:
+        return _DTYPES[self.param_dtype]
+
+    @property
+    def compute_jnp_dtype(self) -> Any:
+        return _DTYPES[self.compute_dtype]
+
+    def linear_has_bias(self, name: str) -> bool:
+        """Whether the internal linear layer `name` (wz, wv, ..., fc3) carries a bias."""
+        if self.bias_topology == "hf":
+            return True
+        return name in ("wz", "wv", "wr", "wh1")
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> MegalodonConfig:
+        """Builds a config from a mapping (a dict or an ml_collections ConfigDict).
+
+        Unknown keys are rejected with their names listed.
+        """
+        if hasattr(values, "to_dict"):
+            values = values.to_dict()
+        values = dict(values)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown model config keys: {unknown}")
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> MegalodonConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def enwik8_config(**overrides: Any) -> MegalodonConfig:
+    """The enwik8 reference configuration (11,277,696 parameters in the default topology)."""
+    base = dict(
+        vocab_size=256,
+        model_dim=384,
+        num_layers=6,
+        num_heads=3,
+        z_dim=192,
+        value_dim=384,
+        ffn_hidden_dim=1024,
+        cema_ndim=8,
+        chunk_size=256,
+        norm_num_groups=32,
+        swiglu=True,
+    )
+    base.update(overrides)
+    return MegalodonConfig(**base)

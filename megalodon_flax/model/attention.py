@@ -1,0 +1,289 @@
+"""Chunked normalized attention and the moving-average gated attention sub-block (spec §2.3, §5).
+
+Attention is block-diagonal causal: a query at absolute time t sees keys s ≤ t of the same
+chunk floor(s/C) = floor(t/C). Scores q·k carry no 1/sqrt(Dh) (Q/K are normalized) and
+accumulate in float32; the softmax is float32; a row with no visible key outputs zeros.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from megalodon_flax.config import MegalodonConfig
+from megalodon_flax.model import initializers
+from megalodon_flax.model.cache import AttentionCache, LayerCache
+from megalodon_flax.model.cema import CEMA
+from megalodon_flax.model.linear import Linear
+from megalodon_flax.model.norms import RMSNorm, rms_normalize
+from megalodon_flax.model.rotary import apply_rope, rope_frequencies
+from megalodon_flax.model.timestep_norm import TimestepNorm
+
+DropoutFn = Callable[[jax.Array], jax.Array]
+_MASKED_SCORE = -1e30
+
+
+def masked_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    allowed: jax.Array,
+    compute_dtype=jnp.float32,
+    prob_dropout: DropoutFn | None = None,
+) -> jax.Array:
+    """Softmax attention restricted to `allowed` key positions.
+
+    Args:
+      q: (..., Lq, H, Dh); k: (..., Lk, H, Dh); v: (..., Lk, H, Dv).
+      allowed: bool, broadcastable to (..., H, Lq, Lk).
+      compute_dtype: dtype of the probabilities in the P·V product and of the output.
+      prob_dropout: optional dropout on the probabilities.
+
+    Returns:
+      (..., Lq, H, Dv) in compute_dtype; rows with no allowed key are 0.
+    """
+    scores = jnp.einsum("...qhd,...khd->...hqk", q, k, preferred_element_type=jnp.float32)
+    scores = jnp.where(allowed, scores, _MASKED_SCORE)
+    probs = jax.nn.softmax(scores, axis=-1)
+    probs = jnp.where(jnp.any(allowed, axis=-1, keepdims=True), probs, 0.0)
+    if prob_dropout is not None:
+        probs = prob_dropout(probs)
+    out = jnp.einsum(
+        "...hqk,...khd->...qhd",
+        probs.astype(compute_dtype),
+        v.astype(compute_dtype),
+        preferred_element_type=jnp.float32,
+    )
+    return out.astype(compute_dtype)
+
+
+def chunked_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    chunk_size: int,
+    key_valid: jax.Array | None = None,
+    compute_dtype=jnp.float32,
+    prob_dropout: DropoutFn | None = None,
+) -> jax.Array:
+    """Block-diagonal causal attention for a sequence starting at a chunk boundary.
+
+    Args:
+      q, k: (B, L, H, Dh); v: (B, L, H, Dv); any L (the last chunk is padded internally).
+      chunk_size: C.
+      key_valid: (B, L) bool, False for keys that must never be attended.
+
+    Returns:
+      (B, L, H, Dv) in compute_dtype.
+    """
+    batch, length = q.shape[:2]
+    num_chunks = -(-length // chunk_size)
+    pad = num_chunks * chunk_size - length
+
+    def chunks(a: jax.Array) -> jax.Array:
+        a = jnp.pad(a, ((0, 0), (0, pad)) + ((0, 0),) * (a.ndim - 2))
+        return a.reshape((batch, num_chunks, chunk_size, *a.shape[2:]))
+
+    allowed = jnp.tril(jnp.ones((chunk_size, chunk_size), bool))
+    if key_valid is not None:
+        kv = chunks(key_valid.astype(bool))  # (B, n, C)
+        allowed = allowed & kv[:, :, None, None, :]
+    out = masked_attention(chunks(q), chunks(k), chunks(v), allowed, compute_dtype, prob_dropout)
+    return out.reshape((batch, num_chunks * chunk_size, *out.shape[3:]))[:, :length]
+
+
+def _time_ordered_ring(ring: jax.Array, position: jax.Array, chunk_size: int) -> jax.Array:
+    """Ring (B, C, ...) → entries ordered by time T−C … T−1 (T = position)."""
+    return jnp.roll(ring, -(position % chunk_size), axis=1)
+
+
+def _updated_ring(
+    ordered: jax.Array, new: jax.Array, position: jax.Array, chunk_size: int
+) -> jax.Array:
+    """Ring after appending `new` (B, L, ...) to time-ordered entries; stale chunks zeroed."""
+    length = new.shape[1]
+    end = position + length
+    last = jnp.concatenate([ordered, new], axis=1)[:, length:]  # times end−C … end−1
+    ring = jnp.roll(last, end % chunk_size, axis=1)
+    slots = jnp.arange(chunk_size)
+    times = end - chunk_size + (slots - end) % chunk_size
+    keep = times >= (end // chunk_size) * chunk_size
+    keep = keep.reshape((1, chunk_size) + (1,) * (ring.ndim - 2))
+    return jnp.where(keep, ring, jnp.zeros_like(ring))
+
+
+def streaming_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    cache: AttentionCache,
+    position: jax.Array,
+    chunk_size: int,
+    compute_dtype=jnp.float32,
+) -> tuple[jax.Array, AttentionCache]:
+    """Attention of L new tokens at times T … T+L−1 against the ring and themselves.
+
+    Args:
+      q, k: (B, L, H, Dh) rotated; v: (B, L, H, Dv).
+      cache: ring of the current chunk's keys/values before the call.
+      position: T, tokens consumed before the call (int32 scalar).
+      chunk_size: C (= ring capacity).
+
+    Returns:
+      (B, L, H, Dv) outputs and the ring after the call.
+    """
+    c = chunk_size
+    length = q.shape[1]
+    ring_k = _time_ordered_ring(cache.keys, position, c).astype(k.dtype)
+    ring_v = _time_ordered_ring(cache.values, position, c).astype(v.dtype)
+    all_k = jnp.concatenate([ring_k, k], axis=1)
+    all_v = jnp.concatenate([ring_v, v], axis=1)
+    if length <= c:
+        # Dense scores against C cached slots + the new keys: O(L·(C+L)).
+        key_times = position - c + jnp.arange(c + length)
+        query_times = position + jnp.arange(length)
+        allowed = (
+            (key_times[None, :] <= query_times[:, None])
+            & (key_times[None, :] >= 0)
+            & (key_times[None, :] // c == query_times[:, None] // c)
+        )
+        out = masked_attention(q, all_k, all_v, allowed, compute_dtype)
+    else:
+        # Align the new tokens on the absolute chunk grid, prefixed by the cached slots of
+        # the current chunk, and reuse the chunked kernel: O((L+C)·C).
+        offset = position % c
+        num_chunks = -(-(c - 1 + length) // c)
+        span = num_chunks * c
+        tail = span - length
+
+        def aligned(a: jax.Array, head: jax.Array) -> jax.Array:
+            padded = jnp.concatenate(
+                [head, a, jnp.zeros((a.shape[0], tail, *a.shape[2:]), a.dtype)], axis=1
+            )
+            return jax.lax.dynamic_slice_in_dim(padded, c - offset, span, axis=1)
+
+        key_valid = jnp.arange(span) < offset + length
+        key_valid = jnp.broadcast_to(key_valid, (q.shape[0], span))
+        out = chunked_attention(
+            aligned(q, jnp.zeros_like(ring_k).astype(q.dtype)),
+            aligned(k, ring_k),
+            aligned(v, ring_v),
+            c,
+            key_valid,
+            compute_dtype,
+        )
+        out = jax.lax.dynamic_slice_in_dim(out, offset, length, axis=1)
+    new_cache = AttentionCache(
+        keys=_updated_ring(ring_k, k, position, c).astype(cache.keys.dtype),
+        values=_updated_ring(ring_v, v, position, c).astype(cache.values.dtype),
+    )
+    return out, new_cache
+
+
+class MovingAverageGatedAttention(nn.Module):
+    """Part A of a Megalodon block: TimestepNorm → CEMA → RMSNorm → gated chunked attention.
+
+    Returns y = x + h (spec §2.3 A1-A14) and the normalized input's residual is the caller's.
+    """
+
+    config: MegalodonConfig
+
+    def _linear(self, name: str, features: int, axes: tuple[str, str], fan_in: int) -> Linear:
+        cfg = self.config
+        return Linear(
+            features=features,
+            axes=axes,
+            use_bias=cfg.linear_has_bias(name),
+            kernel_init=initializers.linear_kernel(cfg.init_mode, fan_in, features),
+            param_dtype=cfg.params_jnp_dtype,
+            compute_dtype=cfg.compute_jnp_dtype,
+            name=name,
+        )
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,
+        cache: LayerCache | None = None,
+        mask: jax.Array | None = None,
+        deterministic: bool = True,
+    ) -> tuple[jax.Array, LayerCache | None]:
+        """x (B, L, D) compute dtype → (x + h (B, L, D), updated cache or None)."""
+        cfg = self.config
+        cd = cfg.compute_jnp_dtype
+        batch, length, dim = x.shape
+        heads, dh, dv = cfg.num_heads, cfg.head_dim, cfg.value_head_dim
+
+        def dropout(a: jax.Array, rate: float) -> jax.Array:
+            if rate == 0.0 or deterministic:
+                return a
+            return nn.Dropout(rate)(a, deterministic=False)
+
+        x_tn, norm_state = TimestepNorm(
+            cfg.norm_num_groups, cfg.norm_eps, cfg.timestep_norm_variant, name="timenorm"
+        )(x, None if cache is None else cache.norm, mask)
+
+        if cache is None:
+            cema_path, want_state = cfg.cema_path, False
+        elif length < cfg.sequential_cema_below:
+            cema_path, want_state = "sequential", True
+        else:
+            cema_path = "scan" if cfg.cema_path == "scan" else "fft"
+            want_state = True
+        c, cema_state = CEMA(cfg.cema_ndim, cfg.cema_block_size, name="cema")(
+            x_tn, mask, None if cache is None else cache.cema, cema_path, want_state
+        )
+
+        mx = RMSNorm(cfg.norm_eps, cfg.norm_affine, "gamma", name="rmsnorm")(c).astype(cd)
+        mx = dropout(mx, cfg.hidden_dropout)
+        mx = nn.with_logical_constraint(mx, ("batch", "length", "act_embed"))
+
+        z = self._linear("wz", cfg.z_dim, ("embed", "qk"), dim)(mx)
+        z_hat = rms_normalize(z.reshape(batch, length, heads, dh), cfg.norm_eps)
+        qk_gamma = self.param(
+            "gamma", nn.with_logical_partitioning(initializers.zeros, (None, "qk")), (2, cfg.z_dim)
+        ).reshape(2, heads, dh)
+        qk_beta = self.param(
+            "beta", nn.with_logical_partitioning(initializers.zeros, (None, "qk")), (2, cfg.z_dim)
+        ).reshape(2, heads, dh)
+        scale = (1.0 + qk_gamma) / math.sqrt(dh)
+        q = z_hat * scale[0] + qk_beta[0]
+        k = z_hat * scale[1] + qk_beta[1]
+
+        v = jax.nn.silu(self._linear("wv", cfg.value_dim, ("embed", "value"), dim)(x_tn))
+        r = jax.nn.silu(self._linear("wr", cfg.value_dim, ("embed", "value"), dim)(mx))
+        v = v.reshape(batch, length, heads, dv)
+
+        start = jnp.zeros((), jnp.int32) if cache is None else cache.position
+        positions = (start + jnp.arange(length, dtype=jnp.int32)) % cfg.chunk_size
+        freqs = rope_frequencies(dh, cfg.effective_rope_base)
+        q = apply_rope(q, positions, freqs, cfg.rope_layout).astype(cd)
+        k = apply_rope(k, positions, freqs, cfg.rope_layout).astype(cd)
+
+        if cache is None:
+            prob_dropout = None
+            if cfg.attention_dropout > 0.0 and not deterministic:
+                prob_dropout = nn.Dropout(cfg.attention_dropout, deterministic=False)
+            o = chunked_attention(q, k, v, cfg.chunk_size, mask, cd, prob_dropout)
+            new_cache = None
+        else:
+            o, attn_cache = streaming_attention(
+                q, k, v, cache.attn, cache.position, cfg.chunk_size, cd
+            )
+            new_cache = LayerCache(
+                norm=norm_state,
+                cema=cema_state,
+                attn=attn_cache,
+                position=cache.position + length,
+            )
+
+        g = o.reshape(batch, length, cfg.value_dim) * r
+        g = dropout(g, cfg.hidden_dropout)
+        h = self._linear("wh1", dim, ("embed", "embed_out"), dim)(mx).astype(jnp.float32)
+        h = h + self._linear("wh2", dim, ("value", "embed_out"), cfg.value_dim)(g)
+        h = dropout(h.astype(cd), cfg.dropout)
+        return x + h, new_cache

@@ -1,0 +1,63 @@
+"""Normalized feed-forward network with the two-hop residual (spec §2.4)."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from megalodon_flax.config import MegalodonConfig
+from megalodon_flax.model import initializers
+from megalodon_flax.model.linear import Linear
+from megalodon_flax.model.norms import LayerNorm
+
+
+class NormalizedFFN(nn.Module):
+    """out = residual + α ⊙ fc2(act(fc1(LN(y)))), act = silu or swiglu with fc3.
+
+    Attributes:
+      config: model configuration.
+      layer_index: 0-based block index (sets the rescale α = 0.1·0.5^i).
+    """
+
+    config: MegalodonConfig
+    layer_index: int = 0
+
+    def _linear(self, name: str, features: int, axes: tuple[str, str], fan_in: int) -> Linear:
+        cfg = self.config
+        return Linear(
+            features=features,
+            axes=axes,
+            use_bias=cfg.linear_has_bias(name),
+            kernel_init=initializers.linear_kernel(cfg.init_mode, fan_in, features),
+            param_dtype=cfg.params_jnp_dtype,
+            compute_dtype=cfg.compute_jnp_dtype,
+            name=name,
+        )
+
+    @nn.compact
+    def __call__(self, y: jax.Array, residual: jax.Array, deterministic: bool = True) -> jax.Array:
+        """y, residual (B, L, D) → residual + f (B, L, D) in the compute dtype."""
+        cfg = self.config
+        cd = cfg.compute_jnp_dtype
+        dim, hidden = y.shape[-1], cfg.ffn_hidden_dim
+        u = LayerNorm(cfg.norm_eps, cfg.norm_affine, name="norm")(y).astype(cd)
+        a = jax.nn.silu(self._linear("fc1", hidden, ("embed", "mlp"), dim)(u))
+        if cfg.swiglu:
+            a = a * self._linear("fc3", hidden, ("embed", "mlp"), dim)(u)
+        a = nn.with_logical_constraint(a, ("batch", "length", "act_mlp"))
+        if cfg.hidden_dropout > 0.0:
+            a = nn.Dropout(cfg.hidden_dropout)(a, deterministic=deterministic)
+        f = self._linear("fc2", dim, ("mlp", "embed"), hidden)(a)
+        if cfg.dropout > 0.0:
+            f = nn.Dropout(cfg.dropout)(f, deterministic=deterministic)
+        if cfg.rescale_nffn:
+            alpha = self.param(
+                "alpha",
+                nn.with_logical_partitioning(
+                    initializers.ffn_rescale(self.layer_index), ("embed",)
+                ),
+                (dim,),
+            )
+            f = (f.astype(jnp.float32) * alpha).astype(cd)
+        return residual + f

@@ -1,0 +1,60 @@
+"""Dense layers with float32 accumulation and logical axis names."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from megalodon_flax.model import initializers
+
+
+class Linear(nn.Module):
+    """y = x·kernel + bias with kernel stored as (in, out) (PyTorch weight transposed).
+
+    Inputs and kernel are cast to `compute_dtype`; the product accumulates in float32 and the
+    bias (always float32) is added before the single downcast to `compute_dtype`.
+
+    Attributes:
+      features: output width.
+      axes: logical names of the kernel axes (in, out); the bias uses the out name.
+      use_bias: whether a bias parameter exists.
+      kernel_init: initializer of the (in, out) kernel.
+      param_dtype: storage dtype of the kernel and bias.
+      compute_dtype: dtype of the matmul inputs and (by default) of the output.
+      output_dtype: dtype of the output if not compute_dtype (e.g. float32 logits).
+    """
+
+    features: int
+    axes: tuple[str, str]
+    use_bias: bool = True
+    kernel_init: initializers.Initializer = initializers.normal(0.02)
+    param_dtype: Any = jnp.float32
+    compute_dtype: Any = jnp.float32
+    output_dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x (..., in) → (..., features) in output_dtype or compute_dtype."""
+        kernel = self.param(
+            "kernel",
+            nn.with_logical_partitioning(self.kernel_init, self.axes),
+            (x.shape[-1], self.features),
+            self.param_dtype,
+        )
+        y = jnp.dot(
+            x.astype(self.compute_dtype),
+            kernel.astype(self.compute_dtype),
+            preferred_element_type=jnp.float32,
+        )
+        if self.use_bias:
+            bias = self.param(
+                "bias",
+                nn.with_logical_partitioning(initializers.zeros, (self.axes[1],)),
+                (self.features,),
+                self.param_dtype,
+            )
+            y = y + bias.astype(jnp.float32)
+        return y.astype(self.compute_dtype if self.output_dtype is None else self.output_dtype)
