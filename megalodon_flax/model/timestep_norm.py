@@ -55,6 +55,52 @@ def _chan_merge(
     return n, mu, m2
 
 
+def _anchored_statistics(
+    x: jax.Array, num_groups: int, state: NormState, mask: jax.Array | None
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, NormState]:
+    """Block-Welford statistics computed relative to a per-(row, group) anchor.
+
+    The anchor is the incoming mean (or, for a fresh row, the first valid block mean of the
+    call), so that a large common offset never enters the float32 sums.
+
+    Returns:
+      xg (B, L, G, gs) = x − anchor, anchor (B, 1, G), mean − anchor (B, L, G), var (B, L, G)
+      and the state after the last timestep.
+    """
+    batch, length, dim = x.shape
+    xg = x.astype(jnp.float32).reshape(batch, length, num_groups, dim // num_groups)
+    valid = jnp.ones((batch, length), bool) if mask is None else mask.astype(bool)
+    v = valid[..., None]
+
+    first = jnp.argmax(valid, axis=1)[:, None, None]
+    first_mean = jnp.take_along_axis(jnp.mean(xg, axis=-1), first, axis=1)
+    any_valid = jnp.any(valid, axis=1)[:, None, None]
+    fresh_anchor = jnp.where(any_valid & jnp.isfinite(first_mean), first_mean, 0.0)
+    has_state = (state.count > 0)[:, None, None]
+    # The normalized output does not depend on the anchor, so no gradient flows through it.
+    anchor = jax.lax.stop_gradient(jnp.where(has_state, state.mean[:, None, :], fresh_anchor))
+    xg = xg - anchor[..., None]
+
+    blk_mean = jnp.mean(xg, axis=-1)
+    blk_var = jnp.mean(jnp.square(xg - blk_mean[..., None]), axis=-1)
+    n = jnp.broadcast_to(v.astype(jnp.float32), blk_mean.shape)
+    elems = (n, jnp.where(v, blk_mean, 0.0), jnp.where(v, blk_var, 0.0))
+    prefix = jax.lax.associative_scan(_chan_merge, elems, axis=1)
+
+    c0 = state.count.astype(jnp.float32)[:, None, None]
+    incoming = (
+        jnp.broadcast_to(c0, blk_mean.shape),
+        jnp.broadcast_to(state.mean[:, None, :] - anchor, blk_mean.shape),
+        jnp.broadcast_to(c0 * state.var[:, None, :], blk_mean.shape),
+    )
+    n_tot, mean, m2 = _chan_merge(incoming, prefix)
+    # Before the first valid step of the call the incoming variance is kept bit-exact.
+    var = jnp.where(prefix[0] > 0, m2 / jnp.where(n_tot > 0, n_tot, 1.0), state.var[:, None, :])
+    new_count = state.count + jnp.sum(valid, axis=1, dtype=jnp.int32)
+    new_state = NormState(count=new_count, mean=anchor[:, 0] + mean[:, -1], var=var[:, -1])
+    return xg, anchor, mean, var, new_state
+
+
 def timestep_norm_statistics(
     x: jax.Array, num_groups: int, state: NormState, mask: jax.Array | None
 ) -> tuple[jax.Array, jax.Array, NormState]:
@@ -69,27 +115,8 @@ def timestep_norm_statistics(
     Returns:
       mean (B, L, G), var (B, L, G) float32, and the state after the last timestep.
     """
-    batch, length, dim = x.shape
-    xg = x.astype(jnp.float32).reshape(batch, length, num_groups, dim // num_groups)
-    valid = jnp.ones((batch, length), bool) if mask is None else mask.astype(bool)
-    blk_mean = jnp.mean(xg, axis=-1)
-    blk_var = jnp.mean(jnp.square(xg - blk_mean[..., None]), axis=-1)
-    v = valid[..., None]
-    n = jnp.broadcast_to(v.astype(jnp.float32), blk_mean.shape)
-    elems = (n, jnp.where(v, blk_mean, 0.0), jnp.where(v, blk_var, 0.0))
-    prefix = jax.lax.associative_scan(_chan_merge, elems, axis=1)
-
-    c0 = state.count.astype(jnp.float32)[:, None, None]
-    incoming = (
-        jnp.broadcast_to(c0, blk_mean.shape),
-        jnp.broadcast_to(state.mean[:, None, :], blk_mean.shape),
-        jnp.broadcast_to(c0 * state.var[:, None, :], blk_mean.shape),
-    )
-    n_tot, mean, m2 = _chan_merge(incoming, prefix)
-    var = jnp.where(n_tot > 0, m2 / jnp.where(n_tot > 0, n_tot, 1.0), state.var[:, None, :])
-    new_count = state.count + jnp.sum(valid, axis=1, dtype=jnp.int32)
-    new_state = NormState(count=new_count, mean=mean[:, -1], var=var[:, -1])
-    return mean, var, new_state
+    _, anchor, mean, var, new_state = _anchored_statistics(x, num_groups, state, mask)
+    return anchor + mean, var, new_state
 
 
 def timestep_norm_statistics_hf(
@@ -104,7 +131,7 @@ def timestep_norm_statistics_hf(
     xg = x.astype(jnp.float32).reshape(batch, length, num_groups, dim // num_groups)
     valid = jnp.ones((batch, length), bool) if mask is None else mask.astype(bool)
     w = valid[..., None].astype(jnp.float32)
-    gm = jnp.mean(xg, axis=-1)
+    gm = jnp.where(valid[..., None], jnp.mean(xg, axis=-1), 0.0)
     c0 = state.count.astype(jnp.float32)[:, None, None]
     m0 = state.mean[:, None, :]
     v0 = state.var[:, None, :]
@@ -147,12 +174,11 @@ class TimestepNorm(nn.Module):
         )
         if state is None:
             state = NormState.fresh(batch, self.num_groups)
-        stats_fn = (
-            timestep_norm_statistics if self.variant == "upstream" else timestep_norm_statistics_hf
-        )
-        mean, var, new_state = stats_fn(x, self.num_groups, state, mask)
-        gs = dim // self.num_groups
-        xg = x.astype(jnp.float32).reshape(batch, length, self.num_groups, gs)
+        if self.variant == "upstream":
+            xg, _, mean, var, new_state = _anchored_statistics(x, self.num_groups, state, mask)
+        else:
+            mean, var, new_state = timestep_norm_statistics_hf(x, self.num_groups, state, mask)
+            xg = x.astype(jnp.float32).reshape(batch, length, self.num_groups, -1)
         y = (xg - mean[..., None]) * jax.lax.rsqrt(var[..., None] + self.eps)
         y = y.reshape(batch, length, dim) * (1.0 + weight) + bias
         if mask is not None and self.variant == "upstream":
