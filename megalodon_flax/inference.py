@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from megalodon_flax.model.cache import ModelCache, init_cache
+from megalodon_flax.model.cache import ModelCache
 from megalodon_flax.model.megalodon import MegalodonLM
 
 __all__ = ["filter_logits", "generate", "lower_generate", "sample_logits"]
@@ -219,7 +219,7 @@ def _generate_core(
         return token, finished | (token == stop_token)
 
     keys = jax.random.split(rng, max_new_tokens)
-    logits, cache = model.apply(variables, prompt, cache=init_cache(model.config, batch))
+    logits, cache = model.apply(variables, prompt, return_cache=True)
     first, finished = freeze(sample(logits[:, -1], keys[0]), jnp.zeros((batch,), bool))
 
     def step(carry, key):

@@ -154,18 +154,19 @@ def test_boxed_params_and_variables_dict_accepted(lm, greedy_run):
 def test_same_shapes_do_not_retrace(lm, monkeypatch):
     model, params, _ = lm
     traces = []
-    real_init_cache = inference.init_cache
+    real_sample = inference._sample
 
-    def counting_init_cache(*args, **kwargs):
+    def counting_sample(*args, **kwargs):
         traces.append(1)  # runs only while the core is being traced
-        return real_init_cache(*args, **kwargs)
+        return real_sample(*args, **kwargs)
 
-    monkeypatch.setattr(inference, "init_cache", counting_init_cache)
+    monkeypatch.setattr(inference, "_sample", counting_sample)
     core = inference._generate_core
     size0 = core._cache_size()
     kwargs = dict(temperature=0.7, top_p=0.9)
     generate(model, params, prompts(1, 5, seed=1), 3, jax.random.key(0), **kwargs)
-    assert len(traces) == 1 and core._cache_size() == size0 + 1
+    per_trace = len(traces)
+    assert per_trace > 0 and core._cache_size() == size0 + 1
     # New values (prompt, key, temperature, top_p), an equal model object and fresh
     # parameter arrays: same program.
     params2 = jax.tree.map(lambda p: p * 1.0, params)
@@ -179,11 +180,11 @@ def test_same_shapes_do_not_retrace(lm, monkeypatch):
             temperature=0.5 + seed,
             top_p=0.5 + 0.1 * seed,
         )
-    assert len(traces) == 1 and core._cache_size() == size0 + 1
+    assert len(traces) == per_trace and core._cache_size() == size0 + 1
     # A new shape compiles exactly once more.
     generate(model, params, prompts(1, 5, seed=1), 4, jax.random.key(0), **kwargs)
     generate(model, params, prompts(1, 5, seed=2), 4, jax.random.key(1), **kwargs)
-    assert len(traces) == 2 and core._cache_size() == size0 + 2
+    assert len(traces) == 2 * per_trace and core._cache_size() == size0 + 2
 
 
 # ---------------------------------------------------------------------------- constant memory

@@ -240,6 +240,27 @@ def test_cache_round_trips_through_jit() -> None:
     assert int(rebuilt.position) == 16
 
 
+@pytest.mark.parametrize("prefill", [13, 35])
+def test_fresh_prefill_with_return_cache(prefill: int) -> None:
+    """`return_cache=True` without a cache (vectorized pristine prefill) gives the logits of the
+    uncached call and the cache that prefilling from `init_cache` gives; decoding on from it
+    reproduces the one-shot logits."""
+    variables = random_params(TINY)
+    tokens = tokens_for(TINY)
+    apply = jax.jit(MegalodonLM(TINY).apply, static_argnames="return_cache")
+    logits, cache = apply(variables, tokens[:, :prefill], return_cache=True)
+    _, expected = stream(TINY, variables, tokens[:, :prefill], [prefill])
+    assert_caches_close(cache, expected[-1])
+    assert _abstract(cache) == _abstract(init_cache(TINY, BATCH))
+    outputs = [np.asarray(logits)]
+    for t in range(prefill, LENGTH):
+        step, cache = apply(variables, tokens[:, t : t + 1], cache)
+        outputs.append(np.asarray(step))
+    np.testing.assert_allclose(
+        np.concatenate(outputs, axis=1), reference_logits(TINY), atol=1e-4, rtol=1e-4
+    )
+
+
 # ----------------------------------------------------------------------------- items 22-24
 @pytest.mark.parametrize("changed", [0, 17, LENGTH - 1])
 def test_causality(changed: int) -> None:

@@ -211,8 +211,13 @@ class MovingAverageGatedAttention(nn.Module):
         cache: LayerCache | None = None,
         mask: jax.Array | None = None,
         deterministic: bool = True,
+        return_cache: bool = False,
     ) -> tuple[jax.Array, LayerCache | None]:
-        """x (B, L, D) compute dtype → (x + h (B, L, D), updated cache or None)."""
+        """x (B, L, D) compute dtype → (x + h (B, L, D), updated cache or None).
+
+        With `cache=None` and `return_cache=True` the call starts from a fresh state on the
+        vectorized path (no initial-state terms) and returns the state after it.
+        """
         cfg = self.config
         cd = cfg.compute_jnp_dtype
         batch, length, dim = x.shape
@@ -227,7 +232,7 @@ class MovingAverageGatedAttention(nn.Module):
             cfg.norm_num_groups, cfg.norm_eps, cfg.timestep_norm_variant, name="timenorm"
         )(x, None if cache is None else cache.norm, mask)
 
-        if cache is None:
+        if cache is None and not return_cache:
             cema_path, want_state = cfg.cema_path, False
         elif length < cfg.sequential_cema_below:
             cema_path, want_state = "sequential", True
@@ -270,6 +275,19 @@ class MovingAverageGatedAttention(nn.Module):
                 prob_dropout = nn.Dropout(cfg.attention_dropout, deterministic=False)
             o = chunked_attention(q, k, v, cfg.chunk_size, mask, cd, prob_dropout)
             new_cache = None
+            if return_cache:
+                start = jnp.zeros((), jnp.int32)
+                empty_k = jnp.zeros((batch, cfg.chunk_size, heads, dh), cd)
+                empty_v = jnp.zeros((batch, cfg.chunk_size, heads, dv), cd)
+                new_cache = LayerCache(
+                    norm=norm_state,
+                    cema=cema_state,
+                    attn=AttentionCache(
+                        keys=_updated_ring(empty_k, k, start, cfg.chunk_size),
+                        values=_updated_ring(empty_v, v, start, cfg.chunk_size),
+                    ),
+                    position=start + length,
+                )
         else:
             o, attn_cache = streaming_attention(
                 q, k, v, cache.attn, cache.position, cfg.chunk_size, cd

@@ -31,10 +31,11 @@ class MegalodonBlock(nn.Module):
         cache: LayerCache | None = None,
         mask: jax.Array | None = None,
         deterministic: bool = True,
+        return_cache: bool = False,
     ) -> tuple[jax.Array, LayerCache | None]:
         """x (B, L, D) → (B, L, D) and the layer's updated cache (None without a cache)."""
         y, cache = MovingAverageGatedAttention(self.config, name="attn")(
-            x, cache, mask, deterministic
+            x, cache, mask, deterministic, return_cache
         )
         out = NormalizedFFN(self.config, self.layer_index, name="ffn")(y, x, deterministic)
         return nn.with_logical_constraint(out, ("batch", "length", "act_embed")), cache
@@ -58,7 +59,7 @@ class MegalodonModel(nn.Module):
         )
         block = MegalodonBlock
         if cfg.remat:
-            block = nn.remat(MegalodonBlock, static_argnums=(4,))
+            block = nn.remat(MegalodonBlock, static_argnums=(4, 5))
         self.layers = [block(cfg, i) for i in range(cfg.num_layers)]
         self.norm = TimestepNorm(cfg.norm_num_groups, cfg.norm_eps, cfg.timestep_norm_variant)
         self.embedding_dropout = nn.Dropout(cfg.dropout)
@@ -69,6 +70,7 @@ class MegalodonModel(nn.Module):
         cache: ModelCache | None = None,
         mask: jax.Array | None = None,
         deterministic: bool = True,
+        return_cache: bool = False,
     ) -> tuple[jax.Array, ModelCache | None]:
         """tokens (B, L) int → final hidden states (B, L, D) compute dtype, updated cache."""
         cfg = self.config
@@ -80,12 +82,11 @@ class MegalodonModel(nn.Module):
         x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
         new_layers = []
         for i, layer in enumerate(self.layers):
-            x, layer_cache = layer(
-                x, None if cache is None else cache.layers[i], mask, deterministic
-            )
+            layer_cache = None if cache is None else cache.layers[i]
+            x, layer_cache = layer(x, layer_cache, mask, deterministic, return_cache)
             new_layers.append(layer_cache)
         x, final_state = self.norm(x, None if cache is None else cache.final_norm, mask)
-        if cache is None:
+        if cache is None and not return_cache:
             return x, None
         return x, ModelCache(layers=tuple(new_layers), final_norm=final_state)
 
@@ -103,8 +104,10 @@ class MegalodonLM(nn.Module):
     deterministic=True)`: tokens (B, L) int32 → logits (B, L, V_out) float32. With `cache`
     (from `init_cache` or a previous call) the call continues the streams and returns the
     updated cache; without it every row starts fresh and the returned cache is None.
-    `attention_mask` (B, L) marks valid tokens (right padding only); it cannot be combined
-    with a cache. Dropout needs `rngs={'dropout': key}` when `deterministic=False`.
+    `return_cache=True` without a cache starts fresh streams on the vectorized path and
+    returns their cache (a faster prefill than passing `init_cache`). `attention_mask`
+    (B, L) marks valid tokens (right padding only); it cannot be combined with a cache.
+    Dropout needs `rngs={'dropout': key}` when `deterministic=False`.
     """
 
     config: MegalodonConfig
@@ -116,6 +119,7 @@ class MegalodonLM(nn.Module):
         cache: ModelCache | None = None,
         attention_mask: jax.Array | None = None,
         deterministic: bool = True,
+        return_cache: bool = False,
     ) -> tuple[jax.Array, ModelCache | None]:
         cfg = self.config
         if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
@@ -124,7 +128,7 @@ class MegalodonLM(nn.Module):
             )
         if tokens.shape[1] == 0:
             raise ValueError("tokens must hold at least one position (L >= 1)")
-        if attention_mask is not None and cache is not None:
+        if attention_mask is not None and (cache is not None or return_cache):
             raise ValueError(
                 "attention_mask cannot be combined with a cache (streaming calls "
                 "take unpadded tokens)"
@@ -136,7 +140,7 @@ class MegalodonLM(nn.Module):
         _reject_float16(self.variables)
         mask = None if attention_mask is None else attention_mask.astype(bool)
         model = MegalodonModel(cfg, name="model")
-        hidden, cache = model(tokens, cache, mask, deterministic)
+        hidden, cache = model(tokens, cache, mask, deterministic, return_cache)
         if cfg.tied:
             logits = model.embedding_logits(hidden)
         else:
