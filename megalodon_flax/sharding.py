@@ -230,66 +230,85 @@ _ENV_NUM_PROCESSES = "JAX_NUM_PROCESSES"
 _ENV_PROCESS_ID = "JAX_PROCESS_ID"
 
 
+def distributed_args(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> dict[str, Any] | None:
+    """Resolves the arguments of `jax.distributed.initialize` from flags and environment.
+
+    Explicit values win over `JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES` and
+    `JAX_PROCESS_ID`.
+
+    Returns:
+        `{'coordinator_address', 'num_processes', 'process_id'}`, or None when none is set.
+
+    Raises:
+        ValueError: If only some of the three are set, or they are inconsistent.
+    """
+    env = os.environ if environ is None else environ
+    address = coordinator_address or env.get(_ENV_ADDRESS) or None
+    try:
+        if num_processes is None and env.get(_ENV_NUM_PROCESSES):
+            num_processes = int(env[_ENV_NUM_PROCESSES])
+        if process_id is None and env.get(_ENV_PROCESS_ID):
+            process_id = int(env[_ENV_PROCESS_ID])
+    except ValueError as err:
+        raise ValueError(
+            f"{_ENV_NUM_PROCESSES} and {_ENV_PROCESS_ID} must be integers: {err}"
+        ) from err
+    args = {
+        "coordinator_address": address,
+        "num_processes": num_processes,
+        "process_id": process_id,
+    }
+    if all(v is None for v in args.values()):
+        return None
+    missing = [k for k, v in args.items() if v is None]
+    if missing:
+        raise ValueError(
+            f"A multi-process run needs coordinator_address, num_processes and process_id; "
+            f"missing {missing} (flags --coordinator_address, --num_processes, --process_id "
+            f"or environment variables {_ENV_ADDRESS}, {_ENV_NUM_PROCESSES}, {_ENV_PROCESS_ID})."
+        )
+    if num_processes < 1:
+        raise ValueError(f"num_processes must be >= 1, got {num_processes}.")
+    if not 0 <= process_id < num_processes:
+        raise ValueError(f"process_id must be in [0, {num_processes}), got {process_id}.")
+    if ":" not in address:
+        raise ValueError(f"coordinator_address must be host:port, got {address!r}.")
+    return args
+
+
 def initialize_distributed(
     coordinator_address: str | None = None,
     num_processes: int | None = None,
     process_id: int | None = None,
     *,
     auto_detect: bool = False,
-    environ: Mapping[str, str] | None = None,
 ) -> bool:
     """Joins a multi-process JAX run when asked; must run before any other JAX call.
 
-    Values come from the arguments, else from `JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES`
-    and `JAX_PROCESS_ID`. With `auto_detect` and no values, JAX detects the cluster (SLURM,
-    Open MPI, Cloud TPU, ...). CPU processes exchange collectives through gloo.
+    Values come from the arguments or the environment (see `distributed_args`). With
+    `auto_detect` and no values, JAX detects the cluster (SLURM, Open MPI, Cloud TPU, ...).
+    CPU processes exchange collectives through gloo.
 
     Args:
         coordinator_address: `host:port` of process 0's coordinator service.
         num_processes: Total number of processes.
         process_id: Index of this process in `[0, num_processes)`.
         auto_detect: Call `jax.distributed.initialize()` even when nothing is given.
-        environ: Environment to read (default `os.environ`).
 
     Returns:
         Whether `jax.distributed.initialize` was called.
-
-    Raises:
-        ValueError: If only some of the three values are given, or they are inconsistent.
     """
-    env = os.environ if environ is None else environ
-    address = coordinator_address or env.get(_ENV_ADDRESS) or None
-    if num_processes is None and env.get(_ENV_NUM_PROCESSES):
-        num_processes = int(env[_ENV_NUM_PROCESSES])
-    if process_id is None and env.get(_ENV_PROCESS_ID):
-        process_id = int(env[_ENV_PROCESS_ID])
-    given = {
-        "coordinator_address": address,
-        "num_processes": num_processes,
-        "process_id": process_id,
-    }
-    if all(v is None for v in given.values()) and not auto_detect:
+    args = distributed_args(coordinator_address, num_processes, process_id)
+    if args is None and not auto_detect:
         return False
-    if not auto_detect and any(v is None for v in given.values()):
-        missing = [k for k, v in given.items() if v is None]
-        raise ValueError(
-            f"Multi-process run needs coordinator_address, num_processes and process_id; "
-            f"missing {missing} (flags --{missing[0]} or env {_ENV_ADDRESS}, "
-            f"{_ENV_NUM_PROCESSES}, {_ENV_PROCESS_ID})."
-        )
-    if num_processes is not None and num_processes < 1:
-        raise ValueError(f"num_processes must be >= 1, got {num_processes}.")
-    if (
-        process_id is not None
-        and num_processes is not None
-        and not (0 <= process_id < num_processes)
-    ):
-        raise ValueError(f"process_id must be in [0, {num_processes}), got {process_id}.")
     # Only affects the CPU client; GPU and TPU use their own collectives.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(
-        coordinator_address=address, num_processes=num_processes, process_id=process_id
-    )
+    jax.distributed.initialize(**(args or {}))
     logging.info(
         "Joined multi-process run: process %d of %d, %d local / %d global devices.",
         jax.process_index(),
