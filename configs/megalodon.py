@@ -172,4 +172,11 @@ def get_config() -> ml_collections.ConfigDict:
     config.allow_sample_fallback = True
     # Split used for evaluation: 'validation' or 'test'.
     config.eval_split = "validation"
+    # Evaluation kind: 'window' (fresh state per seq_len window), 'stream' (state carried
+    # over the split, constant memory) or 'both'.
+    config.eval_mode = "window"
+    # Stream evaluation: bytes of the split to read (-1: all of it).
+    config.eval_stream_max_bytes = 262_144
+    # Stream evaluation: contiguous streams scored in parallel as one batch.
+    config.eval_stream_num_streams = 1
     return config

@@ -33,7 +33,7 @@ from etils import epath
 from flax.training import train_state
 from jax.sharding import Mesh, NamedSharding
 
-from megalodon_flax import checkpointing, input_pipeline, losses, sharding
+from megalodon_flax import checkpointing, evaluation, input_pipeline, losses, sharding
 from megalodon_flax import metrics as metrics_lib
 from megalodon_flax.config import ConfigError, MegalodonConfig
 from megalodon_flax.model import MegalodonLM, count_params, parameter_breakdown
@@ -92,6 +92,9 @@ _FIELDS: dict[str, tuple[str, Callable[[Any], bool] | None, str]] = {
     "manual_dir": ("optional_str", None, ""),
     "allow_sample_fallback": ("bool", None, ""),
     "eval_split": ("str", _in("validation", "test"), "'validation' or 'test'"),
+    "eval_mode": ("str", _in("window", "stream", "both"), "'window', 'stream' or 'both'"),
+    "eval_stream_max_bytes": ("int", lambda v: v == -1 or v >= 2, "-1 or >= 2"),
+    "eval_stream_num_streams": ("int", _ge(1), ">= 1"),
 }
 
 
@@ -204,6 +207,11 @@ def create_mesh(config: ml_collections.ConfigDict) -> Mesh:
                 f"config.{name}={config[name]} is not divisible by the {jax.process_count()} "
                 "processes"
             )
+    if config.eval_mode != "window" and jax.process_count() > 1:
+        raise ConfigError(
+            f"config.eval_mode={config.eval_mode!r} (stream evaluation) runs in a single "
+            "process; use 'window' for multi-process runs"
+        )
     return mesh
 
 
@@ -772,9 +780,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | epath.P
             )
 
     def run_eval(step: int) -> None:
-        with report_progress.timed("eval"):
-            results = evaluate(setup.eval_step, state.params, eval_batches(config, eval_data))
-        writer.write_scalars(step, {f"eval_{k}": v for k, v in results.items()})
+        scalars = {}
+        if config.eval_mode in ("window", "both"):
+            with report_progress.timed("eval"):
+                results = evaluate(setup.eval_step, state.params, eval_batches(config, eval_data))
+            scalars.update({f"eval_{k}": v for k, v in results.items()})
+        if config.eval_mode in ("stream", "both"):
+            with report_progress.timed("eval_stream"):
+                stream = evaluation.stream_eval(
+                    setup.model,
+                    state.params,
+                    eval_data,
+                    num_streams=config.eval_stream_num_streams,
+                    max_bytes=None
+                    if config.eval_stream_max_bytes == -1
+                    else config.eval_stream_max_bytes,
+                )
+            scalars.update(
+                eval_stream_loss=stream.loss, eval_stream_bits_per_byte=stream.bits_per_byte
+            )
+        writer.write_scalars(step, scalars)
 
     def run_sample(step: int) -> None:
         with report_progress.timed("sample"):

@@ -1,0 +1,130 @@
+"""Sampling and evaluation from a trained workdir: the CLIs, the loader and stream evaluation
+during training, checked against independent computations on the restored weights."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import _train_utils as tu
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from megalodon_flax import inference, train
+from megalodon_flax.workdir import load_run_config, load_trained_run
+
+
+@pytest.fixture(scope="module")
+def trained_workdir(tmp_path_factory):
+    """A tiny run trained for 8 steps with window and stream evaluation every 4 steps."""
+    root = tmp_path_factory.mktemp("run")
+    data_dir, manual_dir = tu.make_enwik8_dirs(root)
+    config = tu.tiny_config(
+        data_dir=data_dir,
+        manual_dir=manual_dir,
+        sample_every_steps=0,
+        eval_mode="both",
+        eval_stream_max_bytes=600,
+    )
+    workdir = root / "workdir"
+    train.train_and_evaluate(config, str(workdir))
+    return workdir, config
+
+
+def _cli(module: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=tu.REPO_ROOT,
+        env=tu.subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def _one_shot_nll(run, data: np.ndarray) -> float:
+    logits, _ = run.model.apply({"params": run.params}, jnp.asarray(data[None, :-1], jnp.int32))
+    logp = np.asarray(jax.nn.log_softmax(logits[0]), np.float64)
+    return float(-logp[np.arange(data.size - 1), data[1:]].sum())
+
+
+def test_stream_evaluation_during_training_is_logged(trained_workdir):
+    workdir, config = trained_workdir
+    stream = tu.read_scalars(workdir, "eval_stream_bits_per_byte")
+    window = tu.read_scalars(workdir, "eval_bits_per_byte")
+    assert sorted(stream) == sorted(window) == [4, 8]
+    run = load_trained_run(workdir)
+    split = train.load_data(config)[config.eval_split][:600]
+    expected = _one_shot_nll(run, split) / 599 / np.log(2)
+    np.testing.assert_allclose(stream[8], expected, rtol=1e-4)
+
+
+def test_loader_restores_the_newest_checkpoint(trained_workdir):
+    workdir, config = trained_workdir
+    run = load_trained_run(workdir)
+    assert run.step == 8
+    assert run.model_config == train.validate_config(config)
+    assert load_run_config(workdir).seq_len == config.seq_len
+
+
+def test_sample_cli_greedy_matches_generate(trained_workdir):
+    workdir, _ = trained_workdir
+    proc = _cli(
+        "megalodon_flax.sample",
+        f"--workdir={workdir}",
+        "--prompt=<page>",
+        "--max_new_tokens=24",
+        "--temperature=0",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = load_trained_run(workdir)
+    prompt = np.frombuffer(b"<page>", np.uint8).astype(np.int32)[None]
+    tokens = inference.generate(run.model, run.params, prompt, 24, jax.random.key(0), 0.0)
+    text = "<page>" + bytes(np.asarray(tokens[0], np.uint8).tolist()).decode(
+        "utf-8", errors="replace"
+    )
+    assert proc.stdout.rstrip("\n") == text
+
+
+def test_evaluate_cli_stream_and_window(trained_workdir):
+    workdir, config = trained_workdir
+    run = load_trained_run(workdir)
+    split = train.load_data(config)["test"][:500]
+    expected = _one_shot_nll(run, split)
+    results = {}
+    for mode in ("stream", "window"):
+        proc = _cli(
+            "megalodon_flax.evaluate",
+            f"--workdir={workdir}",
+            "--split=test",
+            f"--mode={mode}",
+            "--max_bytes=500",
+            "--call_length=24",
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert results[mode]["num_tokens"] == 499
+        assert results[mode]["step"] == 8
+    np.testing.assert_allclose(
+        results["stream"]["bits_per_byte"], expected / 499 / np.log(2), rtol=1e-4
+    )
+    # Windows of seq_len + 1 bytes restart the state; each is an independent one-shot.
+    window_nll = sum(
+        _one_shot_nll(run, split[s : s + config.seq_len + 1])
+        for s in range(0, split.size - 1, config.seq_len)
+    )
+    np.testing.assert_allclose(results["window"]["loss"], window_nll / 499, rtol=1e-4)
+
+
+@pytest.mark.parametrize("module", ["megalodon_flax.sample", "megalodon_flax.evaluate"])
+def test_clis_fail_clearly_without_a_run(tmp_path, module):
+    proc = _cli(module, f"--workdir={tmp_path / 'absent'}")
+    assert proc.returncode != 0
+    assert "does not exist" in proc.stderr
+    (tmp_path / "empty").mkdir()
+    proc = _cli(module, f"--workdir={tmp_path / 'empty'}")
+    assert proc.returncode != 0
+    assert "config.json not found" in proc.stderr
