@@ -4,13 +4,15 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 WORKDIR ?= runs/megalodon
 PYTEST_ARGS ?=
+EXTRAS ?= test
+PY_SOURCES := megalodon_flax configs tests benchmarks main.py
 
 .PHONY: install train test bench lint
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements.txt -e ".[test]"
+	$(PY) -m pip install -q -r requirements.txt -e ".[$(EXTRAS)]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -19,8 +21,8 @@ train: install
 	$(PY) main.py --config=configs/megalodon.py --workdir=$(WORKDIR)
 
 test: install
-	$(PY) -m ruff check .
-	$(PY) -m ruff format --check .
+	$(PY) -m ruff check $(PY_SOURCES)
+	$(PY) -m ruff format --check $(PY_SOURCES)
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
 
 bench: install
