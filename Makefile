@@ -26,4 +26,4 @@ test: install
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
 
 bench: install
-	$(PY) benchmarks/bench_model.py
+	$(PY) -m benchmarks.bench_model

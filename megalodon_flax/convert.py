@@ -624,3 +624,120 @@ def load_state_dict(path: str) -> StateDict:
                 out[key] = tensor.numpy()
         return out
     raise ValueError(f"unsupported checkpoint extension: {path} (.safetensors, .pt, .bin, .pth)")
+
+
+# --------------------------------------------------------------------------- command line
+def _load_config_file(spec: str) -> Any:
+    """`path/to/config.py[:arg]` → its `get_config()` (or `get_config(arg)`)."""
+    import importlib.util
+
+    path, _, arg = spec.partition(":")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"config file {path} not found")
+    module_spec = importlib.util.spec_from_file_location("_convert_config", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()
+
+
+def export_workdir(workdir: str, fmt: str, out: str, dtype: str = "float32") -> StateDict:
+    """Writes the newest checkpoint of a training workdir as a `fmt` state dict to `out`."""
+    import json
+
+    from megalodon_flax.workdir import load_trained_run
+
+    run = load_trained_run(workdir)
+    state_dict = to_state_dict(run.params, run.model_config, fmt, dtype)
+    metadata = {
+        "format": fmt,
+        "step": str(run.step),
+        "megalodon_flax_config": json.dumps(run.model_config.to_dict()),
+    }
+    save_state_dict(state_dict, out, metadata)
+    return state_dict
+
+
+def import_to_workdir(in_path: str, fmt: str, config: Any, workdir: str) -> int:
+    """Writes PyTorch weights as step-0 orbax checkpoint of a new training workdir.
+
+    The checkpoint holds the imported parameters with a fresh optimizer state, so that
+    `main.py` (fine-tuning), `megalodon_flax.sample` and `megalodon_flax.evaluate` use it.
+
+    Returns:
+      The number of imported parameters.
+    """
+    from etils import epath
+
+    from megalodon_flax import checkpointing, train
+
+    model_config = train.validate_config(config)
+    params = from_state_dict(load_state_dict(in_path), model_config, fmt)
+    target = epath.Path(workdir)
+    if (target / checkpointing.CHECKPOINT_SUBDIR).exists() and any(
+        (target / checkpointing.CHECKPOINT_SUBDIR).iterdir()
+    ):
+        raise FileExistsError(f"{target} already holds checkpoints; choose a new --workdir")
+    train.validate_workdir(target)
+    target.mkdir(parents=True, exist_ok=True)
+    setup = train.setup_training(config)
+    state = setup.init_state()
+    state = state.replace(
+        params=jax.tree.map(
+            lambda old, new: jax.device_put(np.asarray(new).astype(old.dtype), old.sharding),
+            state.params,
+            params,
+        )
+    )
+    checkpointing.save_config(config, target)
+    manager = checkpointing.create_manager(target, max_to_keep=1, async_save=False)
+    try:
+        checkpointing.save(
+            manager,
+            0,
+            state,
+            {"step": 0, "train_iterator": {"step": 0}},
+            {"model": model_config.to_dict(), "seq_len": config.seq_len},
+        )
+        manager.wait_until_finished()
+    finally:
+        manager.close()
+    return sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(params))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command-line entry point (see the module docstring)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m megalodon_flax.convert",
+        description="Convert between training workdirs and PyTorch Megalodon state dicts.",
+    )
+    parser.add_argument("--workdir", required=True, help="training workdir (read or written)")
+    parser.add_argument("--to", choices=FORMATS, help="export the workdir to this layout")
+    parser.add_argument("--out", help="output .safetensors file (with --to)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--from", dest="source", choices=FORMATS, help="import this layout")
+    parser.add_argument("--in", dest="in_path", help=".safetensors/.pt/.bin file (with --from)")
+    parser.add_argument("--config", help="config file of the run to create (with --from)")
+    args = parser.parse_args(argv)
+    if (args.to is None) == (args.source is None):
+        parser.error("give exactly one of --to (export) or --from (import)")
+    try:
+        if args.to:
+            if not args.out:
+                parser.error("--to needs --out")
+            state_dict = export_workdir(args.workdir, args.to, args.out, args.dtype)
+            print(f"wrote {len(state_dict)} tensors ({args.to} layout) to {args.out}")
+        else:
+            if not args.in_path or not args.config:
+                parser.error("--from needs --in and --config")
+            count = import_to_workdir(
+                args.in_path, args.source, _load_config_file(args.config), args.workdir
+            )
+            print(f"imported {count:,} parameters into {args.workdir} (checkpoint step 0)")
+    except (ConversionError, FileNotFoundError, FileExistsError) as err:
+        raise SystemExit(f"error: {err}") from None
+
+
+if __name__ == "__main__":
+    main()

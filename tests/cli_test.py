@@ -128,3 +128,42 @@ def test_clis_fail_clearly_without_a_run(tmp_path, module):
     proc = _cli(module, f"--workdir={tmp_path / 'empty'}")
     assert proc.returncode != 0
     assert "config.json not found" in proc.stderr
+
+
+def test_convert_cli_round_trip_through_hf(trained_workdir, tmp_path):
+    """Export a trained run to megalodon-hf safetensors and import it into a new workdir: the
+    weights come back (the ±1 LayerNorm shift may move the last bit) and sample identically."""
+    from megalodon_flax.convert import expected_shapes, load_state_dict
+
+    workdir, _ = trained_workdir
+    out = tmp_path / "model.safetensors"
+    proc = _cli("megalodon_flax.convert", f"--workdir={workdir}", "--to=hf", f"--out={out}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = load_trained_run(workdir)
+    exported = load_state_dict(str(out))
+    assert {k: v.shape for k, v in exported.items()} == expected_shapes(run.model_config, "hf")
+
+    config_file = tmp_path / "config.py"
+    config_file.write_text(
+        "from megalodon_flax.workdir import load_run_config\n\n\n"
+        f"def get_config():\n    return load_run_config({str(workdir)!r})\n"
+    )
+    imported = tmp_path / "imported"
+    args = [f"--workdir={imported}", "--from=hf", f"--in={out}", f"--config={config_file}"]
+    proc = _cli("megalodon_flax.convert", *args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    again = load_trained_run(imported)
+    assert again.step == 0
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-7),
+        again.params,
+        run.params,
+    )
+    samples = [
+        _cli("megalodon_flax.sample", f"--workdir={w}", "--temperature=0", "--max_new_tokens=16")
+        for w in (workdir, imported)
+    ]
+    assert samples[0].returncode == samples[1].returncode == 0
+    assert samples[0].stdout == samples[1].stdout
+    proc = _cli("megalodon_flax.convert", *args)
+    assert proc.returncode != 0 and "already holds checkpoints" in proc.stderr
