@@ -83,6 +83,10 @@ def get_model_config() -> ml_collections.ConfigDict:
     model.compute_dtype = "bfloat16"
     # Rematerialize each block in the backward pass (saves memory, costs compute).
     model.remat = False
+    # Zero padded inputs before CEMA (False: megalodon-hf behaviour).
+    model.mask_cema_inputs = True
+    # Dropout on the embeddings too (False: megalodon-hf behaviour).
+    model.embedding_dropout = True
     return model
 
 

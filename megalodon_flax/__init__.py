@@ -1,6 +1,6 @@
 """megalodon_flax: Megalodon (Ma et al. 2024) in JAX/Flax Linen."""
 
-from megalodon_flax.config import ConfigError, MegalodonConfig, enwik8_config
+from megalodon_flax.config import ConfigError, MegalodonConfig, enwik8_config, hf_compatible
 from megalodon_flax.model import (
     MegalodonLM,
     ModelCache,
@@ -17,6 +17,7 @@ __all__ = [
     "ModelCache",
     "count_params",
     "enwik8_config",
+    "hf_compatible",
     "init_cache",
     "parameter_breakdown",
     "parameter_count",

@@ -39,6 +39,9 @@ class MegalodonConfig:
       compute_dtype: dtype of matmul inputs and activations; CEMA, TimestepNorm, norms,
         softmax and logits always compute in float32.
       remat: rematerialize each block in the backward pass.
+      mask_cema_inputs: zero masked inputs before the CEMA recurrence (megalodon-hf feeds
+        padded positions through it: False).
+      embedding_dropout: apply `dropout` to the embeddings (megalodon-hf does not: False).
     """
 
     vocab_size: int = 32000
@@ -76,6 +79,8 @@ class MegalodonConfig:
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
     remat: bool = False
+    mask_cema_inputs: bool = True
+    embedding_dropout: bool = True
 
     def __post_init__(self) -> None:
         self._validate()
@@ -221,6 +226,19 @@ class MegalodonConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def hf_compatible(config: MegalodonConfig) -> MegalodonConfig:
+    """The megalodon-hf behaviour (spec §9.6) on top of `config`'s sizes.
+
+    HF TimestepNorm statistics (between-timestep variance, prior-variance term, 1e-6 floor,
+    padded outputs not zeroed), CEMA fed the padded positions, no embedding dropout. Layout
+    differences (biases, head tying, half-split RoPE, direct LayerNorm scale) are handled by
+    the checkpoint conversion, not here.
+    """
+    return config.replace(
+        timestep_norm_variant="hf", mask_cema_inputs=False, embedding_dropout=False
+    )
 
 
 def enwik8_config(**overrides: Any) -> MegalodonConfig:

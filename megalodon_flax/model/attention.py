@@ -240,7 +240,11 @@ class MovingAverageGatedAttention(nn.Module):
             cema_path = "scan" if cfg.cema_path == "scan" else "fft"
             want_state = True
         c, cema_state = CEMA(cfg.cema_ndim, cfg.cema_block_size, name="cema")(
-            x_tn, mask, None if cache is None else cache.cema, cema_path, want_state
+            x_tn,
+            mask if cfg.mask_cema_inputs else None,
+            None if cache is None else cache.cema,
+            cema_path,
+            want_state,
         )
 
         mx = RMSNorm(cfg.norm_eps, cfg.norm_affine, "gamma", name="rmsnorm")(c).astype(cd)

@@ -77,7 +77,7 @@ class MegalodonModel(nn.Module):
         x = self.embed(tokens)
         if cfg.scale_emb:
             x = x * jnp.asarray(math.sqrt(cfg.model_dim), x.dtype)
-        if cfg.dropout > 0.0:
+        if cfg.dropout > 0.0 and cfg.embedding_dropout:
             x = self.embedding_dropout(x, deterministic=deterministic)
         x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
         new_layers = []
