@@ -3,7 +3,8 @@ VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
 WORKDIR ?= runs/megalodon
-PYTEST_ARGS ?=
+# Everything by default, the slow tests included (plain `pytest` skips them).
+PYTEST_ARGS ?= -m "slow or not slow"
 EXTRAS ?= test
 PY_SOURCES := megalodon_flax configs tests benchmarks main.py
 
