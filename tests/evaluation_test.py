@@ -42,7 +42,7 @@ def model_and_params():
 def _one_shot_nll(model, params, stream: np.ndarray) -> float:
     """Sum of -log p(x[t+1] | x[:t+1]) from one uncached forward over the whole stream."""
     logits, _ = model.apply({"params": params}, jnp.asarray(stream[None, :-1], jnp.int32))
-    logp = np.asarray(jax.nn.log_softmax(logits[0].astype(jnp.float64)))
+    logp = np.asarray(jax.nn.log_softmax(logits[0]), np.float64)
     return float(-logp[np.arange(stream.size - 1), stream[1:]].sum())
 
 

@@ -18,7 +18,7 @@ from megalodon_flax.config import MegalodonConfig
 from megalodon_flax.model import initializers
 from megalodon_flax.model.cache import AttentionCache, LayerCache
 from megalodon_flax.model.cema import CEMA
-from megalodon_flax.model.linear import Linear
+from megalodon_flax.model.linear import internal_linear
 from megalodon_flax.model.norms import RMSNorm, rms_normalize
 from megalodon_flax.model.rotary import apply_rope, rope_frequencies
 from megalodon_flax.model.timestep_norm import TimestepNorm
@@ -192,18 +192,6 @@ class MovingAverageGatedAttention(nn.Module):
 
     config: MegalodonConfig
 
-    def _linear(self, name: str, features: int, axes: tuple[str, str], fan_in: int) -> Linear:
-        cfg = self.config
-        return Linear(
-            features=features,
-            axes=axes,
-            use_bias=cfg.linear_has_bias(name),
-            kernel_init=initializers.linear_kernel(cfg.init_mode, fan_in, features),
-            param_dtype=cfg.params_jnp_dtype,
-            compute_dtype=cfg.compute_jnp_dtype,
-            name=name,
-        )
-
     @nn.compact
     def __call__(
         self,
@@ -251,7 +239,7 @@ class MovingAverageGatedAttention(nn.Module):
         mx = dropout(mx, cfg.hidden_dropout)
         mx = nn.with_logical_constraint(mx, ("batch", "length", "act_embed"))
 
-        z = self._linear("wz", cfg.z_dim, ("embed", "qk"), dim)(mx)
+        z = internal_linear(cfg, "wz", cfg.z_dim, ("embed", "qk"), dim)(mx)
         z_hat = rms_normalize(z.reshape(batch, length, heads, dh), cfg.norm_eps)
         qk_gamma = self.param(
             "gamma", nn.with_logical_partitioning(initializers.zeros, (None, "qk")), (2, cfg.z_dim)
@@ -263,8 +251,8 @@ class MovingAverageGatedAttention(nn.Module):
         q = z_hat * scale[0] + qk_beta[0]
         k = z_hat * scale[1] + qk_beta[1]
 
-        v = jax.nn.silu(self._linear("wv", cfg.value_dim, ("embed", "value"), dim)(x_tn))
-        r = jax.nn.silu(self._linear("wr", cfg.value_dim, ("embed", "value"), dim)(mx))
+        v = jax.nn.silu(internal_linear(cfg, "wv", cfg.value_dim, ("embed", "value"), dim)(x_tn))
+        r = jax.nn.silu(internal_linear(cfg, "wr", cfg.value_dim, ("embed", "value"), dim)(mx))
         v = v.reshape(batch, length, heads, dv)
 
         start = jnp.zeros((), jnp.int32) if cache is None else cache.position
@@ -305,7 +293,7 @@ class MovingAverageGatedAttention(nn.Module):
 
         g = o.reshape(batch, length, cfg.value_dim) * r
         g = dropout(g, cfg.hidden_dropout)
-        h = self._linear("wh1", dim, ("embed", "embed_out"), dim)(mx).astype(jnp.float32)
-        h = h + self._linear("wh2", dim, ("value", "embed_out"), cfg.value_dim)(g)
+        h = internal_linear(cfg, "wh1", dim, ("embed", "embed_out"), dim)(mx).astype(jnp.float32)
+        h = h + internal_linear(cfg, "wh2", dim, ("value", "embed_out"), cfg.value_dim)(g)
         h = dropout(h.astype(cd), cfg.dropout)
         return x + h, new_cache

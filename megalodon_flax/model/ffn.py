@@ -8,7 +8,7 @@ import jax.numpy as jnp
 
 from megalodon_flax.config import MegalodonConfig
 from megalodon_flax.model import initializers
-from megalodon_flax.model.linear import Linear
+from megalodon_flax.model.linear import internal_linear
 from megalodon_flax.model.norms import LayerNorm
 
 
@@ -23,18 +23,6 @@ class NormalizedFFN(nn.Module):
     config: MegalodonConfig
     layer_index: int = 0
 
-    def _linear(self, name: str, features: int, axes: tuple[str, str], fan_in: int) -> Linear:
-        cfg = self.config
-        return Linear(
-            features=features,
-            axes=axes,
-            use_bias=cfg.linear_has_bias(name),
-            kernel_init=initializers.linear_kernel(cfg.init_mode, fan_in, features),
-            param_dtype=cfg.params_jnp_dtype,
-            compute_dtype=cfg.compute_jnp_dtype,
-            name=name,
-        )
-
     @nn.compact
     def __call__(self, y: jax.Array, residual: jax.Array, deterministic: bool = True) -> jax.Array:
         """y, residual (B, L, D) → residual + f (B, L, D) in the compute dtype."""
@@ -42,13 +30,13 @@ class NormalizedFFN(nn.Module):
         cd = cfg.compute_jnp_dtype
         dim, hidden = y.shape[-1], cfg.ffn_hidden_dim
         u = LayerNorm(cfg.norm_eps, cfg.norm_affine, name="norm")(y).astype(cd)
-        a = jax.nn.silu(self._linear("fc1", hidden, ("embed", "mlp"), dim)(u))
+        a = jax.nn.silu(internal_linear(cfg, "fc1", hidden, ("embed", "mlp"), dim)(u))
         if cfg.swiglu:
-            a = a * self._linear("fc3", hidden, ("embed", "mlp"), dim)(u)
+            a = a * internal_linear(cfg, "fc3", hidden, ("embed", "mlp"), dim)(u)
         a = nn.with_logical_constraint(a, ("batch", "length", "act_mlp"))
         if cfg.hidden_dropout > 0.0:
             a = nn.Dropout(cfg.hidden_dropout)(a, deterministic=deterministic)
-        f = self._linear("fc2", dim, ("mlp", "embed"), hidden)(a)
+        f = internal_linear(cfg, "fc2", dim, ("mlp", "embed"), hidden)(a)
         if cfg.dropout > 0.0:
             f = nn.Dropout(cfg.dropout)(f, deterministic=deterministic)
         if cfg.rescale_nffn:

@@ -8,6 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from megalodon_flax.config import MegalodonConfig
 from megalodon_flax.model import initializers
 
 
@@ -58,3 +59,19 @@ class Linear(nn.Module):
             )
             y = y + bias.astype(jnp.float32)
         return y.astype(self.compute_dtype if self.output_dtype is None else self.output_dtype)
+
+
+def internal_linear(
+    config: MegalodonConfig, name: str, features: int, axes: tuple[str, str], fan_in: int
+) -> Linear:
+    """One of the block's linears (wz, wv, wr, wh1, wh2, fc1-3): bias per `bias_topology`,
+    kernel initialized per `init_mode`, the config's storage and compute dtypes."""
+    return Linear(
+        features=features,
+        axes=axes,
+        use_bias=config.linear_has_bias(name),
+        kernel_init=initializers.linear_kernel(config.init_mode, fan_in, features),
+        param_dtype=config.params_jnp_dtype,
+        compute_dtype=config.compute_jnp_dtype,
+        name=name,
+    )
