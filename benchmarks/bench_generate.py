@@ -8,8 +8,9 @@ Sections (each recorded in the JSON output, failures recorded and skipped):
             call (the same method for both implementations).
   memory:   our compiled generate program for two numbers of new tokens (256 and 4,096 by
             default): temp/argument/output bytes from the executable's memory analysis, the
-            decode-state (cache) bytes, and the process RSS growth during a steady call
-            (sampled every 0.5 ms, freed heap returned to the OS before each call); ratios.
+            decode-state (cache) bytes, and the process RSS growth during steady calls
+            (sampled every 0.5 ms, freed heap returned to the OS before each call; the median
+            over the calls); ratios large / small.
   peer:     when `megalodon_jax` is importable, its `generate` and prefill are timed in the same
             run, alternately with ours repeat by repeat; ours/theirs ratios and the issue targets
             (≥ 2× their new tokens/s, ≤ 0.4× their prefill time) are reported.
@@ -285,7 +286,7 @@ def generate_section(
             )
             rec = with_compile_estimate(rec)
             if rec.get("median_ms") and new_tokens:
-                rec["new_tokens_per_s"] = round(batch * new_tokens / (rec["median_ms"] / 1e3), 2)
+                rec["new_tokens_per_s"] = round(batch * new_tokens / (rec["median_ms"] / 1e3), 4)
                 rec["ms_per_step"] = round(rec["median_ms"] / new_tokens, 3)
             records.append(rec)
             log("  " + short_line(rec))
@@ -312,7 +313,7 @@ def decode_rows(records: list[dict[str, Any]], new_tokens: int) -> list[dict[str
             "decode_ms": round(delta_ms, 3),
         }
         if delta_ms > 0:
-            row["decode_tokens_per_s"] = round(batch * (new_tokens - 1) / (delta_ms / 1e3), 2)
+            row["decode_tokens_per_s"] = round(batch * (new_tokens - 1) / (delta_ms / 1e3), 4)
             row["decode_ms_per_step"] = round(delta_ms / (new_tokens - 1), 3)
         rows.append(row)
     return rows
@@ -409,7 +410,9 @@ def memory_one(
             del out
             growth.append(sampler.peak - sampler.start)
         rec["rss_growth_bytes"] = growth
-        rec["rss_growth_mib"] = round(max(growth) / common.MIB, 2)
+        rec["rss_growth_median_bytes"] = int(statistics.median(growth))
+        rec["rss_growth_mib"] = round(statistics.median(growth) / common.MIB, 2)
+        rec["rss_growth_max_mib"] = round(max(growth) / common.MIB, 2)
         rec["process_max_rss_mib"] = round(common.max_rss_mib(), 1)
         rec.update(common.summarize_ms(times))
     return rec
@@ -445,7 +448,7 @@ def memory_section(
             "state_ratio": round(b["state_bytes"] / a["state_bytes"], 6),
         }
         if a.get("rss_growth_bytes") and b.get("rss_growth_bytes"):
-            ga, gb = max(a["rss_growth_bytes"]), max(b["rss_growth_bytes"])
+            ga, gb = a["rss_growth_median_bytes"], b["rss_growth_median_bytes"]
             if ga > 0:
                 ratios["rss_growth_ratio"] = round(gb / ga, 4)
         checked = [ratios["temp_ratio"], ratios["peak_estimate_ratio"], ratios["state_ratio"]]
@@ -739,24 +742,25 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--quick",
         action="store_true",
-        help="smoke run: 2 repeats, batch 1, 32 new tokens, memory at 32 vs 512 tokens",
+        help="smoke run: 3 repeats, batch 1, 64 new tokens, memory at 64 vs 1024 tokens",
     )
     p.add_argument("--repeats", type=int, default=None, help="timed repeats (default 5)")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls after the first call")
     p.add_argument("--prompt-len", type=int, default=384)
-    p.add_argument("--new-tokens", type=int, default=None, help="default 256 (quick: 32)")
+    p.add_argument("--new-tokens", type=int, default=None, help="default 256 (quick: 64)")
     p.add_argument("--batches", type=int_list, default=None, help="default 1,8 (quick: 1)")
     p.add_argument(
         "--memory-tokens",
         type=int_list,
         default=None,
-        help="the two new-token counts of the memory section (default 256,4096; quick: 32,512)",
+        help="the two new-token counts of the memory section (default 256,4096; quick: 64,1024)",
     )
     p.add_argument(
         "--rss-repeats",
         type=int,
         default=None,
-        help="sampled calls per memory case (default 2, quick 1; 0 = compiled memory only)",
+        help="sampled calls per memory case, median reported (default 3, quick 1; 0 = compiled "
+        "memory only)",
     )
     p.add_argument(
         "--bias-topology",
@@ -770,11 +774,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     quick = args.quick
     defaults = {
-        "repeats": 2 if quick else 5,
-        "new_tokens": 32 if quick else 256,
+        "repeats": 3 if quick else 5,
+        "new_tokens": 64 if quick else 256,
         "batches": [1] if quick else [1, 8],
-        "memory_tokens": [32, 512] if quick else [256, 4096],
-        "rss_repeats": 1 if quick else 2,
+        "memory_tokens": [64, 1024] if quick else [256, 4096],
+        "rss_repeats": 1 if quick else 3,
     }
     for key, value in defaults.items():
         if getattr(args, key) is None:
