@@ -38,7 +38,8 @@ def create_manager(
     workdir: epath.PathLike, *, max_to_keep: int, async_save: bool = True
 ) -> ocp.CheckpointManager:
     """Returns a CheckpointManager over `<workdir>/checkpoints` with the three items."""
-    directory = epath.Path(workdir) / CHECKPOINT_SUBDIR
+    # orbax (tensorstore) requires an absolute path; workdirs are usually given relative.
+    directory = epath.Path(os.path.abspath(os.fspath(workdir))) / CHECKPOINT_SUBDIR
     return ocp.CheckpointManager(
         directory,
         options=ocp.CheckpointManagerOptions(

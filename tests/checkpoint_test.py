@@ -253,3 +253,20 @@ def test_sigkill_after_checkpoint_then_rerun_matches_uninterrupted_bitwise(
     assert data_a == data_b == {"step": 8, "train_iterator": {"step": 8}}
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_relative_workdir_saves_and_restores(tmp_path, monkeypatch):
+    """Workdirs are usually relative (`--workdir=runs/x`); orbax needs absolute paths."""
+    import jax.numpy as jnp
+
+    monkeypatch.chdir(tmp_path)
+    state = {"w": jnp.arange(6.0).reshape(2, 3)}
+    manager = checkpointing.create_manager("runs/rel", max_to_keep=1, async_save=False)
+    checkpointing.save(manager, 3, state, {"step": 3}, {"model": {}})
+    manager.wait_until_finished()
+    target = {"w": jax.ShapeDtypeStruct((2, 3), jnp.float32)}
+    step, restored, data = checkpointing.restore_latest(manager, target, {"model": {}})
+    manager.close()
+    assert step == 3 and data == {"step": 3}
+    np.testing.assert_array_equal(np.asarray(restored["w"]), np.asarray(state["w"]))
+    assert (tmp_path / "runs" / "rel" / "checkpoints" / "3").is_dir()

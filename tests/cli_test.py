@@ -51,6 +51,7 @@ def _one_shot_nll(run, data: np.ndarray) -> float:
     return float(-logp[np.arange(data.size - 1), data[1:]].sum())
 
 
+@pytest.mark.slow
 def test_stream_evaluation_during_training_is_logged(trained_workdir):
     workdir, config = trained_workdir
     stream = tu.read_scalars(workdir, "eval_stream_bits_per_byte")
@@ -62,6 +63,7 @@ def test_stream_evaluation_during_training_is_logged(trained_workdir):
     np.testing.assert_allclose(stream[8], expected, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_loader_restores_the_newest_checkpoint(trained_workdir):
     workdir, config = trained_workdir
     run = load_trained_run(workdir)
@@ -70,6 +72,7 @@ def test_loader_restores_the_newest_checkpoint(trained_workdir):
     assert load_run_config(workdir).seq_len == config.seq_len
 
 
+@pytest.mark.slow
 def test_sample_cli_greedy_matches_generate(trained_workdir):
     workdir, _ = trained_workdir
     proc = _cli(
@@ -89,6 +92,7 @@ def test_sample_cli_greedy_matches_generate(trained_workdir):
     assert proc.stdout.rstrip("\n") == text
 
 
+@pytest.mark.slow
 def test_evaluate_cli_stream_and_window(trained_workdir):
     workdir, config = trained_workdir
     run = load_trained_run(workdir)
@@ -130,6 +134,7 @@ def test_clis_fail_clearly_without_a_run(tmp_path, module):
     assert "config.json not found" in proc.stderr
 
 
+@pytest.mark.slow
 def test_convert_cli_round_trip_through_hf(trained_workdir, tmp_path):
     """Export a trained run to megalodon-hf safetensors and import it into a new workdir: the
     weights come back (the ±1 LayerNorm shift may move the last bit) and sample identically."""

@@ -46,7 +46,7 @@ def _one_shot_nll(model, params, stream: np.ndarray) -> float:
     return float(-logp[np.arange(stream.size - 1), stream[1:]].sum())
 
 
-@pytest.mark.parametrize("call_length", [5, 8, 37])
+@pytest.mark.parametrize("call_length", [pytest.param(5, marks=pytest.mark.slow), 8, 37])
 def test_stream_equals_one_shot(model_and_params, call_length):
     model, params = model_and_params
     data = np.random.default_rng(0).integers(0, 256, 301).astype(np.uint8)
@@ -56,6 +56,7 @@ def test_stream_equals_one_shot(model_and_params, call_length):
     np.testing.assert_allclose(result.bits_per_byte, result.nll_sum / 300 / np.log(2), rtol=1e-12)
 
 
+@pytest.mark.slow
 def test_parallel_streams_are_independent_streams(model_and_params):
     model, params = model_and_params
     data = np.random.default_rng(1).integers(0, 256, 203).astype(np.uint8)
