@@ -109,7 +109,7 @@ class PeerGen:
 
         self.mj = megalodon_jax
         self.cfg = cfg
-        self.peer_cfg = peer_config(cfg)
+        self.peer_cfg = common.peer_config(cfg)
         self.model = megalodon_jax.MegalodonForCausalLM(self.peer_cfg, key=jax.random.PRNGKey(0))
         # init_cache(cfg) is the all-None cache, the same start as cache=None.
         self._prefill = eqx.filter_jit(lambda m, t: m(t, cache=None, return_cache=True))
@@ -128,35 +128,6 @@ class PeerGen:
             self.model, prompt, max_new_tokens=new_tokens, temperature=0.0, key=key
         )
         return ids[:, prompt.shape[1] :]
-
-
-def peer_config(cfg: mf.MegalodonConfig) -> Any:
-    """The megalodon-jax config with our hyper-parameters (its upstream bias set, same tying)."""
-    import megalodon_jax
-
-    return megalodon_jax.MegalodonConfig(
-        vocab_size=cfg.vocab_size,
-        model_dim=cfg.model_dim,
-        num_layers=cfg.num_layers,
-        num_heads=cfg.num_heads,
-        z_dim=cfg.z_dim,
-        value_dim=cfg.value_dim,
-        ffn_hidden_dim=cfg.ffn_hidden_dim,
-        cema_ndim=cfg.cema_ndim,
-        chunk_size=cfg.chunk_size,
-        norm_num_groups=cfg.norm_num_groups,
-        norm_eps=cfg.norm_eps,
-        rope_base=cfg.rope_base,
-        swiglu=cfg.swiglu,
-        rescale_nffn=cfg.rescale_nffn,
-        scale_emb=cfg.scale_emb,
-        share_emb=cfg.tied,
-        norm_affine=cfg.norm_affine,
-        init_mode=cfg.init_mode,
-        output_size=cfg.output_size,
-        param_dtype=jnp.float32,
-        compute_dtype=jnp.float32,
-    )
 
 
 def peer_available() -> tuple[bool, str | None]:
