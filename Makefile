@@ -8,7 +8,12 @@ PYTEST_ARGS ?= -m "slow or not slow"
 EXTRAS ?= test
 PY_SOURCES := megalodon_flax configs tests benchmarks main.py
 
-.PHONY: install train test bench lint
+# The Megalodon-vs-Llama comparison on a CPU budget (see RESULTS.md); runs go to runs/.
+COMPARE_ARGS ?= --config.num_train_steps=400 --config.batch_size=8 --config.warmup_steps=40 \
+	--config.eval_every_steps=100 --config.num_eval_batches=16 --config.checkpoint_every_steps=200 \
+	--config.sample_every_steps=400 --config.profile_num_steps=0
+
+.PHONY: install train test bench lint compare
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,3 +33,8 @@ test: install
 
 bench: install
 	$(PY) -m benchmarks.bench_model
+
+compare: install
+	$(PY) main.py --config=configs/megalodon.py --workdir=runs/megalodon $(COMPARE_ARGS)
+	$(PY) main.py --config=configs/llama.py --workdir=runs/llama $(COMPARE_ARGS)
+	$(PY) -m megalodon_flax.compare --workdirs runs/megalodon runs/llama --out RESULTS.md --plots_dir results/plots

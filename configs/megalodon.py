@@ -93,6 +93,8 @@ def get_model_config() -> ml_collections.ConfigDict:
 def get_config() -> ml_collections.ConfigDict:
     """Returns the enwik8 training configuration."""
     config = ml_collections.ConfigDict()
+    # Model family: 'megalodon' or the 'llama' baseline (configs/llama.py).
+    config.model_family = "megalodon"
     # Model hyper-parameters, mapped 1:1 onto MegalodonConfig.
     config.model = get_model_config()
 

@@ -11,7 +11,7 @@ import sys
 
 from absl import app, flags, logging
 
-from megalodon_flax import evaluation, train
+from megalodon_flax import evaluation, models, train
 from megalodon_flax.workdir import load_trained_run
 
 FLAGS = flags.FLAGS
@@ -36,6 +36,11 @@ def main(argv: list[str]) -> None:
         run = load_trained_run(FLAGS.workdir)
     except FileNotFoundError as err:
         sys.exit(f"error: {err}")
+    if FLAGS.mode == "stream" and not models.has_carried_state(run.model):
+        sys.exit(
+            f"error: {FLAGS.workdir} holds a {type(run.model).__name__}, whose context is "
+            "bounded; stream evaluation needs Megalodon's carried state (use --mode=window)"
+        )
     data = train.load_data(run.config)[FLAGS.split]
     max_bytes = FLAGS.max_bytes or None
 

@@ -100,6 +100,11 @@ def stream_eval(
     Returns:
       EvalResult over every byte of each stream after its first.
     """
+    if not isinstance(model, MegalodonLM):
+        raise TypeError(
+            f"stream evaluation needs a model that carries its state ({type(model).__name__} "
+            "has a bounded context); use window_eval"
+        )
     params = _params(params)
     data = np.asarray(data, np.uint8)
     if max_bytes is not None:

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from megalodon_flax.llama.model import LlamaLM, init_llama_cache
 from megalodon_flax.model.cache import ModelCache
 from megalodon_flax.model.megalodon import MegalodonLM
 
@@ -191,7 +192,7 @@ def sample_logits(
 # ---------------------------------------------------------------------------- generation
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5, 6))
 def _generate_core(
-    model: MegalodonLM,
+    model: MegalodonLM | LlamaLM,
     max_new_tokens: int,
     greedy: bool,
     top_k: int,
@@ -219,7 +220,10 @@ def _generate_core(
         return token, finished | (token == stop_token)
 
     keys = jax.random.split(rng, max_new_tokens)
-    logits, cache = model.apply(variables, prompt, return_cache=True)
+    cache = None
+    if isinstance(model, LlamaLM):  # a KV buffer sized for the whole continuation
+        cache = init_llama_cache(model.config, batch, prompt.shape[1] + max_new_tokens)
+    logits, cache = model.apply(variables, prompt, cache=cache, return_cache=True)
     first, finished = freeze(sample(logits[:, -1], keys[0]), jnp.zeros((batch,), bool))
 
     def step(carry, key):
@@ -273,7 +277,7 @@ def _check_key(rng: Any) -> jax.Array:
 
 
 def _core_arguments(
-    model: MegalodonLM,
+    model: MegalodonLM | LlamaLM,
     params: Any,
     prompt_tokens: Any,
     max_new_tokens: Any,
@@ -285,8 +289,8 @@ def _core_arguments(
     stop_token: Any,
 ) -> tuple[Any, ...]:
     """Validates the arguments of `generate` and maps them to those of `_generate_core`."""
-    if not isinstance(model, MegalodonLM):
-        raise TypeError(f"model must be a MegalodonLM, got {type(model).__name__}")
+    if not isinstance(model, MegalodonLM | LlamaLM):
+        raise TypeError(f"model must be a MegalodonLM or LlamaLM, got {type(model).__name__}")
     cfg = model.config
     vocab = cfg.output_width
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral):
@@ -321,7 +325,7 @@ def _core_arguments(
 
 
 def generate(
-    model: MegalodonLM,
+    model: MegalodonLM | LlamaLM,
     params: Any,
     prompt_tokens: jax.Array,
     max_new_tokens: int,
@@ -340,7 +344,8 @@ def generate(
     are used; the values of temperature, top_p, min_p and stop_token are runtime inputs.
 
     Args:
-      model: the `MegalodonLM` (eval mode: dropout is off).
+      model: the `MegalodonLM` (or the `LlamaLM` baseline, whose KV buffer grows with
+        P + T), in eval mode: dropout is off.
       params: its 'params' collection, boxed or unboxed (a {'params': ...} dict also works).
       prompt_tokens: (B, P) int token ids, P >= 1, no padding (rows share the length).
       max_new_tokens: T >= 1.
@@ -371,7 +376,7 @@ def generate(
 
 
 def lower_generate(
-    model: MegalodonLM,
+    model: MegalodonLM | LlamaLM,
     params: Any,
     prompt_tokens: jax.Array,
     max_new_tokens: int,

@@ -33,10 +33,17 @@ from etils import epath
 from flax.training import train_state
 from jax.sharding import Mesh, NamedSharding
 
-from megalodon_flax import checkpointing, evaluation, input_pipeline, losses, sharding
+from megalodon_flax import (
+    checkpointing,
+    evaluation,
+    input_pipeline,
+    losses,
+    models,
+    sharding,
+)
 from megalodon_flax import metrics as metrics_lib
-from megalodon_flax.config import ConfigError, MegalodonConfig
-from megalodon_flax.model import MegalodonLM, count_params, parameter_breakdown
+from megalodon_flax.config import ConfigError
+from megalodon_flax.model import count_params
 
 Batch = Mapping[str, Any]
 
@@ -54,6 +61,7 @@ def _in(*allowed: Any) -> Callable[[Any], bool]:
 
 # name -> (type, check, description of the check)
 _FIELDS: dict[str, tuple[str, Callable[[Any], bool] | None, str]] = {
+    "model_family": ("str", _in(*models.FAMILIES), f"one of {models.FAMILIES}"),
     "model": ("dict", None, ""),
     "seed": ("int", _ge(0), ">= 0"),
     "seq_len": ("int", _ge(2), ">= 2"),
@@ -97,6 +105,9 @@ _FIELDS: dict[str, tuple[str, Callable[[Any], bool] | None, str]] = {
     "eval_stream_num_streams": ("int", _ge(1), ">= 1"),
 }
 
+# Fields that configs written before they existed may lack.
+_DEFAULTS: dict[str, Any] = {"model_family": "megalodon"}
+
 
 def _type_ok(kind: str, value: Any) -> bool:
     if kind == "int":
@@ -120,7 +131,7 @@ def _type_ok(kind: str, value: Any) -> bool:
     return True
 
 
-def validate_config(config: ml_collections.ConfigDict) -> MegalodonConfig:
+def validate_config(config: ml_collections.ConfigDict) -> models.ModelConfig:
     """Checks every field of a training config before any work starts.
 
     Args:
@@ -132,7 +143,7 @@ def validate_config(config: ml_collections.ConfigDict) -> MegalodonConfig:
     Raises:
         ConfigError: Naming the first unknown, missing or invalid field.
     """
-    keys = set(config.keys())
+    keys = set(config.keys()) | set(_DEFAULTS)
     unknown = sorted(keys - set(_FIELDS))
     if unknown:
         raise ConfigError(f"unknown config keys: {unknown}")
@@ -140,7 +151,7 @@ def validate_config(config: ml_collections.ConfigDict) -> MegalodonConfig:
     if missing:
         raise ConfigError(f"config is missing keys: {missing}")
     for name, (kind, check, rule) in _FIELDS.items():
-        value = config[name]
+        value = config.get(name, _DEFAULTS.get(name))
         if not _type_ok(kind, value):
             raise ConfigError(
                 f"config.{name} has the wrong type: expected {kind}, got "
@@ -158,13 +169,19 @@ def validate_config(config: ml_collections.ConfigDict) -> MegalodonConfig:
     except sharding.MeshError as err:
         raise ConfigError(f"config.logical_axis_rules: {err}") from err
     try:
-        model_config = MegalodonConfig.from_mapping(config.model)
+        model_config = models.model_config_from(config)
     except (ConfigError, TypeError) as err:
         raise ConfigError(f"config.model: {err}") from err
     if model_config.vocab_size < 256 or model_config.output_width < 256:
         raise ConfigError(
             f"config.model.vocab_size and the output width must be >= 256 for byte-level "
             f"data, got {model_config.vocab_size} and {model_config.output_width}"
+        )
+    family = models.family_of(config)
+    if config.eval_mode != "window" and family != "megalodon":
+        raise ConfigError(
+            f"config.eval_mode={config.eval_mode!r} needs a model with carried state; the "
+            f"{family} baseline supports only 'window'"
         )
     return model_config
 
@@ -279,7 +296,7 @@ def create_optimizer(
 
 
 def create_train_state(
-    rng: jax.Array, model: MegalodonLM, tx: optax.GradientTransformation
+    rng: jax.Array, model: models.LanguageModel, tx: optax.GradientTransformation
 ) -> TrainState:
     """Initializes parameters (boxed with logical axis names) and the optimizer state.
 
@@ -307,9 +324,9 @@ def _is_typed_key(key: jax.Array) -> bool:
     return jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
 
 
-def _uses_dropout(model_config: MegalodonConfig) -> bool:
+def _uses_dropout(model_config: models.ModelConfig) -> bool:
     return any(
-        getattr(model_config, name) > 0
+        getattr(model_config, name, 0.0) > 0
         for name in ("dropout", "attention_dropout", "hidden_dropout")
     )
 
@@ -319,7 +336,7 @@ def train_step(
     state: TrainState,
     batch: Batch,
     *,
-    model: MegalodonLM,
+    model: models.LanguageModel,
     learning_rate_fn: optax.Schedule,
     dropout: bool = False,
 ) -> tuple[TrainState, metrics_lib.TrainMetrics]:
@@ -386,7 +403,7 @@ def train_step(
     return new_state, step_metrics
 
 
-def eval_step(params: Any, batch: Batch, *, model: MegalodonLM) -> metrics_lib.EvalMetrics:
+def eval_step(params: Any, batch: Batch, *, model: models.LanguageModel) -> metrics_lib.EvalMetrics:
     """Per-token losses of one evaluation batch (`(B, L)` arrays; weight 0 = padding)."""
     logits, _ = model.apply({"params": params}, batch["inputs"], deterministic=True)
     _, _, per_token = losses.weighted_loss_sum(logits, batch["targets"], batch["weights"])
@@ -437,8 +454,8 @@ class TrainingSetup:
     """
 
     config: ml_collections.ConfigDict
-    model_config: MegalodonConfig
-    model: MegalodonLM
+    model_config: models.ModelConfig
+    model: models.LanguageModel
     mesh: Mesh
     rules: sharding.LogicalRules
     learning_rate_fn: optax.Schedule
@@ -514,7 +531,7 @@ def setup_training(config: ml_collections.ConfigDict, mesh: Mesh | None = None) 
     if mesh is None:
         mesh = create_mesh(config)
     rules = sharding.validate_rules(config.logical_axis_rules)
-    model = MegalodonLM(model_config)
+    model = models.build_model(model_config)
     learning_rate_fn = create_learning_rate_fn(config)
     tx = create_optimizer(config, learning_rate_fn)
     seed = int(config.seed)
@@ -642,6 +659,21 @@ def generate_sample(setup: TrainingSetup, params: Any, step: int) -> str:
 
 
 # ----------------------------------------------------------------------------- main loop
+def peak_memory_mib() -> float:
+    """Peak memory so far in MiB: the largest `peak_bytes_in_use` over the local devices
+    when the backend reports it (GPU, TPU), else this process's peak resident set size."""
+    peaks = []
+    for device in jax.local_devices():
+        stats = device.memory_stats() or {}
+        if "peak_bytes_in_use" in stats:
+            peaks.append(stats["peak_bytes_in_use"])
+    if peaks:
+        return max(peaks) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
 def _flat_hparams(config: ml_collections.ConfigDict) -> dict[str, Any]:
     out = {}
 
@@ -662,7 +694,7 @@ def _log_parameter_overview(setup: TrainingSetup, params: Any) -> None:
     from clu import parameter_overview
 
     n = count_params(params)
-    expected = parameter_breakdown(setup.model_config)["total"]
+    expected = models.closed_form_parameter_count(setup.model_config)
     parameter_overview.log_parameter_overview(
         params, include_stats=jax.process_count() == 1, msg="Parameters"
     )
@@ -751,6 +783,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | epath.P
     if initial_step == 0:
         writer.write_hparams(_flat_hparams(config))
     _log_parameter_overview(setup, state.params)
+    writer.write_scalars(initial_step, {"num_params": count_params(state.params)})
 
     hooks = []
     report_progress = periodic_actions.ReportProgress(
@@ -836,6 +869,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | epath.P
                 summary["learning_rate"] = summary.pop("train_learning_rate")
                 summary["grad_norm"] = summary.pop("train_grad_norm")
                 summary["tokens_per_sec"] = (step - last_log_step) * tokens_per_step / elapsed
+                summary["seconds_per_step"] = elapsed / (step - last_log_step)
+                summary["peak_memory_mb"] = peak_memory_mib()
                 writer.write_scalars(step, summary)
                 train_metrics = None
                 last_log_time, last_log_step, paused = now, step, 0.0

@@ -9,9 +9,7 @@ from typing import Any
 import ml_collections
 from etils import epath
 
-from megalodon_flax import checkpointing, train
-from megalodon_flax.config import MegalodonConfig
-from megalodon_flax.model import MegalodonLM
+from megalodon_flax import checkpointing, models, train
 
 
 @dataclasses.dataclass(frozen=True)
@@ -19,8 +17,8 @@ class TrainedRun:
     """A run's config, its model and the parameters of its newest checkpoint."""
 
     config: ml_collections.ConfigDict
-    model_config: MegalodonConfig
-    model: MegalodonLM
+    model_config: models.ModelConfig
+    model: models.LanguageModel
     params: Any
     step: int
 

@@ -32,6 +32,8 @@ TRAIN_SCALARS = (
     "learning_rate",
     "grad_norm",
     "tokens_per_sec",
+    "seconds_per_step",
+    "peak_memory_mb",
 )
 EVAL_SCALARS = ("eval_loss", "eval_bits_per_byte")
 

@@ -16,6 +16,7 @@ import optax
 import pytest
 
 from megalodon_flax import input_pipeline, losses, train
+from megalodon_flax.model import count_params
 
 
 def _np_log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -319,6 +320,15 @@ def test_train_and_evaluate_end_to_end_and_resume(tmp_path: Path, caplog) -> Non
         assert all(np.isfinite(v) for v in values.values()), tag
     for tag in tu.EVAL_SCALARS:
         assert sorted(tu.read_scalars(workdir, tag)) == [6, 12], tag
+    tokens_per_step = config.batch_size * config.seq_len
+    speed, step_time = (
+        tu.read_scalars(workdir, "tokens_per_sec"),
+        tu.read_scalars(workdir, "seconds_per_step"),
+    )
+    for step in speed:
+        assert speed[step] * step_time[step] == pytest.approx(tokens_per_step, rel=1e-4)
+    assert min(tu.read_scalars(workdir, "peak_memory_mb").values()) > 10  # MiB, host RSS on CPU
+    assert tu.read_scalars(workdir, "num_params") == {0: count_params(state.params)}
     bpb = tu.read_scalars(workdir, "train_bits_per_byte")
     assert bpb[12] == pytest.approx(loss[12] / math.log(2), rel=1e-5)
     samples = tu.read_texts(workdir)

@@ -116,6 +116,36 @@ def _updated_ring(
     return jnp.where(keep, ring, jnp.zeros_like(ring))
 
 
+def _decode_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    cache: AttentionCache,
+    position: jax.Array,
+    chunk_size: int,
+    compute_dtype,
+) -> tuple[jax.Array, AttentionCache]:
+    """`streaming_attention` for one new token (L = 1) without reordering the ring.
+
+    Slot s of the ring holds time s of the current chunk and slots from T mod C on are zero,
+    so the token is written in place and attends to slots 0 … T mod C. A token that completes
+    its chunk leaves an empty ring, as `_updated_ring` does.
+    """
+    slot = position % chunk_size
+
+    def write(ring: jax.Array, new: jax.Array) -> jax.Array:
+        return jax.lax.dynamic_update_slice_in_dim(ring, new.astype(ring.dtype), slot, axis=1)
+
+    keys, values = write(cache.keys, k), write(cache.values, v)
+    allowed = (jnp.arange(chunk_size) <= slot)[None, :]  # (Lq = 1, C)
+    out = masked_attention(q, keys.astype(k.dtype), values.astype(v.dtype), allowed, compute_dtype)
+    chunk_done = slot == chunk_size - 1
+    return out, AttentionCache(
+        keys=jnp.where(chunk_done, jnp.zeros_like(keys), keys),
+        values=jnp.where(chunk_done, jnp.zeros_like(values), values),
+    )
+
+
 def streaming_attention(
     q: jax.Array,
     k: jax.Array,
@@ -138,6 +168,8 @@ def streaming_attention(
     """
     c = chunk_size
     length = q.shape[1]
+    if length == 1:
+        return _decode_attention(q, k, v, cache, position, c, compute_dtype)
     ring_k = _time_ordered_ring(cache.keys, position, c).astype(k.dtype)
     ring_v = _time_ordered_ring(cache.values, position, c).astype(v.dtype)
     all_k = jnp.concatenate([ring_k, k], axis=1)

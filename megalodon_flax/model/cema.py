@@ -9,7 +9,8 @@ Three interchangeable algorithms compute y (and the final state):
 
 * `fft`: y = causal convolution of x with the kernel K[d, j] = Re Σ_n p γ q^j, by real FFTs;
   an incoming state adds the bias Re Σ_n γ q^(t+1) h_init, and the final state has a
-  closed form. Powers q^j are built in polar form in blocks of lags.
+  closed form. Powers q^j are built in polar form in blocks of lags, each block factored
+  as q^(a·S + s) = q^(a·S)·q^s so that only ~2√K powers per channel need transcendentals.
 * `scan`: `lax.associative_scan` over the affine maps h ↦ q·h + p·x[t].
 * `sequential`: `lax.scan` over time (cheap for short streaming calls).
 
@@ -91,19 +92,56 @@ def _lag_blocks(num_lags: int, block: int) -> list[tuple[int, int]]:
     return [(start, min(start + block, num_lags)) for start in range(0, num_lags, block)]
 
 
+class _PowerFactors(NamedTuple):
+    """q^(start + a·S + s) = outer[..., a] · inner[..., s] for a < A, s < S (A·S ≥ count).
+
+    outer_* (D, N, A) and inner_* (D, N, S) are float32 Re/Im parts, each from the polar form
+    at its own lags, so a block of K lags costs D·N·(A + S) ≈ 2·D·N·√K transcendentals
+    instead of D·N·K, and the lags become batched matmuls over N.
+    """
+
+    outer_re: jax.Array
+    outer_im: jax.Array
+    inner_re: jax.Array
+    inner_im: jax.Array
+
+
+def _inner_size(count: int) -> int:
+    """S: the power of two nearest √count from above (A = ⌈count / S⌉ ≤ S)."""
+    return 1 << max(0, math.ceil(math.log2(max(count, 1)) / 2))
+
+
+def _power_factors(coeffs: CemaCoefficients, start: int, count: int) -> _PowerFactors:
+    inner = _inner_size(count)
+    num_outer = -(-count // inner)
+    outer_lags = start + inner * jnp.arange(num_outer, dtype=jnp.float32)
+    outer_re, outer_im = _powers(coeffs, outer_lags)
+    inner_re, inner_im = _powers(coeffs, jnp.arange(inner, dtype=jnp.float32))
+    return _PowerFactors(outer_re, outer_im, inner_re, inner_im)
+
+
+def _expand_lags(w_re: jax.Array, w_im: jax.Array, factors: _PowerFactors, count: int) -> jax.Array:
+    """Re(w · q^(start + j)) for j < count; w (..., D, N, A) complex as Re/Im → (..., D, count).
+
+    `w` already carries the outer powers: the result is Σ_n Re(w[..., a]) Re(inner[s]) −
+    Im(w[..., a]) Im(inner[s]) at j = a·S + s.
+    """
+    out = jnp.einsum("...dna,dns->...das", w_re, factors.inner_re) - jnp.einsum(
+        "...dna,dns->...das", w_im, factors.inner_im
+    )
+    return out.reshape((*out.shape[:-2], -1))[..., :count]
+
+
 def cema_kernel(coeffs: CemaCoefficients, length: int, block: int = 4096) -> jax.Array:
     """Impulse response K[d, j] = Re Σ_n p γ q^j for j < length; (D, length) float32."""
     c_re = coeffs.p * coeffs.gamma_re
     c_im = coeffs.p * coeffs.gamma_im
-
-    @jax.checkpoint
-    def kernel_block(lags: jax.Array) -> jax.Array:
-        pw_re, pw_im = _powers(coeffs, lags)
-        return jnp.einsum("dnj,dn->dj", pw_re, c_re) - jnp.einsum("dnj,dn->dj", pw_im, c_im)
-
-    parts = [
-        kernel_block(jnp.arange(lo, hi, dtype=jnp.float32)) for lo, hi in _lag_blocks(length, block)
-    ]
+    parts = []
+    for lo, hi in _lag_blocks(length, block):
+        f = _power_factors(coeffs, lo, hi - lo)
+        w_re = c_re[..., None] * f.outer_re - c_im[..., None] * f.outer_im
+        w_im = c_re[..., None] * f.outer_im + c_im[..., None] * f.outer_re
+        parts.append(_expand_lags(w_re, w_im, f, hi - lo))
     return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1)
 
 
@@ -126,17 +164,13 @@ def initial_state_bias(
 ) -> jax.Array:
     """bias[b, d, t] = Re Σ_n γ h_init q^(t+1); h_init (B,D,N) complex → (B, D, length)."""
     gh = coeffs.gamma * h_init
-    gh_re, gh_im = jnp.real(gh), jnp.imag(gh)
-
-    @jax.checkpoint
-    def bias_block(lags: jax.Array) -> jax.Array:
-        pw_re, pw_im = _powers(coeffs, lags)
-        return jnp.einsum("dnj,bdn->bdj", pw_re, gh_re) - jnp.einsum("dnj,bdn->bdj", pw_im, gh_im)
-
-    parts = [
-        bias_block(jnp.arange(lo + 1, hi + 1, dtype=jnp.float32))
-        for lo, hi in _lag_blocks(length, block)
-    ]
+    gh_re, gh_im = jnp.real(gh)[..., None], jnp.imag(gh)[..., None]  # (B, D, N, 1)
+    parts = []
+    for lo, hi in _lag_blocks(length, block):
+        f = _power_factors(coeffs, lo + 1, hi - lo)
+        w_re = gh_re * f.outer_re - gh_im * f.outer_im
+        w_im = gh_re * f.outer_im + gh_im * f.outer_re
+        parts.append(_expand_lags(w_re, w_im, f, hi - lo))
     return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1)
 
 
@@ -149,14 +183,15 @@ def closed_form_state(
     acc_re = jnp.zeros(x.shape[:2] + coeffs.p.shape[-1:], jnp.float32)
     acc_im = jnp.zeros_like(acc_re)
     for lo, hi in _lag_blocks(length, block):
-
-        @jax.checkpoint
-        def state_block(lags: jax.Array, xs: jax.Array) -> tuple[jax.Array, jax.Array]:
-            pw_re, pw_im = _powers(coeffs, lags)
-            return jnp.einsum("dnk,bdk->bdn", pw_re, xs), jnp.einsum("dnk,bdk->bdn", pw_im, xs)
-
-        part_re, part_im = state_block(jnp.arange(lo, hi, dtype=jnp.float32), x_rev[..., lo:hi])
-        acc_re, acc_im = acc_re + part_re, acc_im + part_im
+        f = _power_factors(coeffs, lo, hi - lo)
+        num_outer, inner = f.outer_re.shape[-1], f.inner_re.shape[-1]
+        xs = jnp.pad(x_rev[..., lo:hi], ((0, 0), (0, 0), (0, num_outer * inner - (hi - lo))))
+        xs = xs.reshape((*xs.shape[:2], num_outer, inner))  # (B, D, A, S)
+        # Σ_s q^s x[a·S + s], then Σ_a q^(lo + a·S) · that.
+        v_re = jnp.einsum("dns,bdas->bdna", f.inner_re, xs)
+        v_im = jnp.einsum("dns,bdas->bdna", f.inner_im, xs)
+        acc_re = acc_re + jnp.sum(f.outer_re * v_re - f.outer_im * v_im, axis=-1)
+        acc_im = acc_im + jnp.sum(f.outer_re * v_im + f.outer_im * v_re, axis=-1)
     state = coeffs.p * jax.lax.complex(acc_re, acc_im)
     if h_init is not None:
         q_re, q_im = _powers(coeffs, jnp.full((1,), float(length), jnp.float32))
@@ -213,6 +248,9 @@ def cema_sequential(
     q = coeffs.q
     if h_init is None:
         h_init = jnp.zeros(x.shape[:2] + q.shape[-1:], jnp.complex64)
+    if x.shape[-1] == 1:  # one decode step: no loop
+        h = q * h_init.astype(jnp.complex64) + coeffs.p * x
+        return _readout(coeffs, h)[..., None], h
 
     def step(h: jax.Array, x_t: jax.Array) -> tuple[jax.Array, jax.Array]:
         h = q * h + coeffs.p * x_t[..., None]

@@ -1,0 +1,668 @@
+"""Compares finished training runs: a Markdown report with tables, plots and samples.
+
+python -m megalodon_flax.compare --workdirs runs/megalodon runs/llama --out RESULTS.md
+python -m megalodon_flax.compare --workdirs runs/a runs/b --names small large \\
+    --out reports/RESULTS.md --plots_dir reports/plots --title "Width sweep"
+
+Each workdir is one run of `main.py`: its `config.json` and the TensorBoard event files
+`events.out.tfevents.*` written by the training loop (one file per process start; when a resumed
+run logs a step again, the newer value wins). The report holds
+
+* a setup table (sequence length, batch size, gradient accumulation, tokens trained),
+* a summary table, one row per run: model family, parameter count, steps trained, final and best
+  validation loss / bits per byte, median seconds per step and tokens per second, peak memory,
+  training and wall time,
+* the validation loss and bits per byte at every evaluation step, side by side,
+* links to two plots (`loss_curves.png`, `bits_per_byte.png`; default folder: `plots/` next to
+  the report),
+* the last text sample of each run.
+
+Every tag is optional: a value a run did not log is shown as "n/a" and left out of the plots.
+Tags read: `train_loss`, `tokens_per_sec`, `seconds_per_step`, `peak_memory_mb`, `num_params`,
+`eval_loss`, `eval_bits_per_byte`, `eval_stream_loss`, `eval_stream_bits_per_byte` and the text
+`sample`; any other scalar is loaded into `RunSummary.scalars` too.
+
+The event files are decoded with TensorBoard's protocol buffers only (TensorFlow is not imported);
+the plots use matplotlib's Agg canvas, imported only when plots are drawn.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import statistics
+import struct
+import sys
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+EVENT_GLOB = "events.out.tfevents.*"
+LOSS_PLOT = "loss_curves.png"
+BPB_PLOT = "bits_per_byte.png"
+DEFAULT_TITLE = "Training run comparison"
+NA = "n/a"
+# Longest sample text shown in the report, in characters.
+MAX_SAMPLE_CHARS = 4000
+
+
+@dataclasses.dataclass
+class RunSummary:
+    """Everything read from one training workdir.
+
+    Attributes:
+        name: Label of the run in the report.
+        workdir: The run's directory.
+        config: The parsed `config.json` (empty when the file is missing).
+        scalars: `{tag: {step: value}}` of every scalar, merged over the event files.
+        texts: `{tag: {step: text}}` of every text summary (e.g. `sample`).
+        first_window_steps: `{tag: steps}`: the first step each process logged a tag at. For
+            the per-window timings this window includes compilation.
+        wall_time_s: Seconds between the first and last event of each event file, summed over
+            the files (None without timestamped events).
+    """
+
+    name: str
+    workdir: Path
+    config: dict[str, Any]
+    scalars: dict[str, dict[int, float]]
+    texts: dict[str, dict[int, str]]
+    first_window_steps: dict[str, set[int]] = dataclasses.field(default_factory=dict)
+    wall_time_s: float | None = None
+
+    def series(self, tag: str) -> dict[int, float]:
+        """`{step: value}` of a scalar, empty if the run never logged it."""
+        return self.scalars.get(tag, {})
+
+    @property
+    def model_family(self) -> str | None:
+        """`config.model_family`; runs from before that field are Megalodon runs."""
+        if not self.config:
+            return None
+        return str(self.config.get("model_family") or "megalodon")
+
+    @property
+    def num_params(self) -> int | None:
+        """Parameter count logged at the start of training."""
+        values = self.series("num_params")
+        return round(values[max(values)]) if values else None
+
+    @property
+    def last_step(self) -> int | None:
+        """Highest step of any logged scalar or text."""
+        steps = [s for d in (*self.scalars.values(), *self.texts.values()) for s in d]
+        return max(steps) if steps else None
+
+    def final(self, tag: str) -> tuple[int, float] | None:
+        """`(step, value)` of a scalar at its last logged step."""
+        values = self.series(tag)
+        if not values:
+            return None
+        step = max(values)
+        return step, values[step]
+
+    def best(self, tag: str) -> tuple[int, float] | None:
+        """`(step, value)` of the smallest value of a scalar (the earliest step on ties)."""
+        values = self.series(tag)
+        if not values:
+            return None
+        step = min(values, key=lambda s: (values[s], s))
+        return step, values[step]
+
+    def steady_median(self, tag: str) -> float | None:
+        """Median of a per-window scalar without each process's first (compiling) window.
+
+        Falls back to all values when nothing else is left.
+        """
+        values = self.series(tag)
+        if not values:
+            return None
+        first = self.first_window_steps.get(tag, set())
+        steady = [v for s, v in values.items() if s not in first]
+        return statistics.median(steady or values.values())
+
+    @property
+    def peak_memory_mb(self) -> float | None:
+        """Largest `peak_memory_mb` logged."""
+        values = self.series("peak_memory_mb")
+        return max(values.values()) if values else None
+
+    @property
+    def train_time_s(self) -> float | None:
+        """Training seconds: `seconds_per_step` × the steps of its window, summed.
+
+        A window runs from the previous logged step (0 for the first) to the logged step. This
+        counts train steps only (compilation included; evaluation, sampling and checkpoints not).
+        """
+        values = self.series("seconds_per_step")
+        if not values:
+            return None
+        total, previous = 0.0, 0
+        for step in sorted(values):
+            total += values[step] * (step - previous)
+            previous = step
+        return total
+
+    @property
+    def last_sample(self) -> tuple[int, str] | None:
+        """`(step, text)` of the last `sample` text."""
+        texts = self.texts.get("sample", {})
+        if not texts:
+            return None
+        step = max(texts)
+        return step, texts[step]
+
+    def config_value(self, key: str) -> Any:
+        """A top-level config field, None when absent."""
+        return self.config.get(key)
+
+
+# ---------------------------------------------------------------------------- reading events
+def _records(path: Path) -> Iterator[bytes]:
+    """Payloads of a TFRecord file; a truncated last record (a killed writer) ends the file.
+
+    Each record is a little-endian uint64 length, its 4-byte checksum, the payload and the
+    payload's 4-byte checksum. The checksums are not verified: the event parser rejects garbage.
+    """
+    with open(path, "rb") as f:
+        while True:
+            header = f.read(12)
+            if len(header) < 12:
+                return
+            (length,) = struct.unpack("<Q", header[:8])
+            payload = f.read(length)
+            if len(payload) < length or len(f.read(4)) < 4:
+                return
+            yield payload
+
+
+def _decode_value(value: Any) -> float | str | None:
+    """A float for a scalar, a str for a text, None for anything else (e.g. hparams)."""
+    kind = value.WhichOneof("value")
+    if kind == "simple_value":
+        return float(value.simple_value)
+    if kind != "tensor":
+        return None
+    from tensorboard.util import tensor_util
+
+    try:
+        array = np.asarray(tensor_util.make_ndarray(value.tensor))
+    except (TypeError, ValueError):
+        return None
+    if array.size != 1:
+        return None
+    item = array.reshape(-1)[0]
+    if isinstance(item, bytes):
+        return item.decode("utf-8", errors="replace")
+    if isinstance(item, str):
+        return item
+    if np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_:
+        return float(item)
+    return None
+
+
+@dataclasses.dataclass
+class _EventFile:
+    """The values of one event file, in write order."""
+
+    path: Path
+    first_wall_time: float
+    last_wall_time: float
+    scalars: list[tuple[str, int, float]]
+    texts: list[tuple[str, int, str]]
+
+
+def _read_event_file(path: Path) -> _EventFile:
+    from tensorboard.compat.proto import event_pb2
+
+    scalars: list[tuple[str, int, float]] = []
+    texts: list[tuple[str, int, str]] = []
+    wall_times: list[float] = []
+    for payload in _records(path):
+        try:
+            event = event_pb2.Event.FromString(payload)
+        except Exception:  # a damaged record: keep what was read before it
+            break
+        if event.wall_time:
+            wall_times.append(event.wall_time)
+        if not event.HasField("summary"):
+            continue
+        for value in event.summary.value:
+            decoded = _decode_value(value)
+            if isinstance(decoded, str):
+                texts.append((value.tag, event.step, decoded))
+            elif decoded is not None:
+                scalars.append((value.tag, event.step, decoded))
+    first = min(wall_times) if wall_times else math.inf
+    last = max(wall_times) if wall_times else math.inf
+    return _EventFile(path, first, last, scalars, texts)
+
+
+def event_files(workdir: str | os.PathLike) -> list[Path]:
+    """The event files directly inside `workdir` (unsorted)."""
+    return [p for p in Path(workdir).glob(EVENT_GLOB) if p.is_file()]
+
+
+def load_run(workdir: str | os.PathLike, name: str | None = None) -> RunSummary:
+    """Reads the config and every event file of a training workdir.
+
+    Files are applied in the order they were started, so a resumed run's value for a step
+    replaces the older one.
+
+    Args:
+        workdir: The run's directory.
+        name: Label of the run; default: the directory's name.
+
+    Raises:
+        FileNotFoundError: If `workdir` does not exist or holds no event files.
+    """
+    path = Path(workdir)
+    if not path.is_dir():
+        raise FileNotFoundError(f"workdir {str(path)!r} does not exist or is not a directory")
+    files = event_files(path)
+    if not files:
+        raise FileNotFoundError(
+            f"no TensorBoard event files ({EVENT_GLOB}) in workdir {str(path)!r}"
+        )
+    parsed = sorted(
+        (_read_event_file(f) for f in files), key=lambda e: (e.first_wall_time, e.path.name)
+    )
+    scalars: dict[str, dict[int, float]] = {}
+    texts: dict[str, dict[int, str]] = {}
+    first_window: dict[str, set[int]] = {}
+    wall_time = 0.0
+    has_wall_time = False
+    for events in parsed:
+        first_in_file: dict[str, int] = {}
+        for tag, step, value in events.scalars:
+            scalars.setdefault(tag, {})[step] = value
+            first_in_file[tag] = min(step, first_in_file.get(tag, step))
+        for tag, step, text in events.texts:
+            texts.setdefault(tag, {})[step] = text
+        for tag, step in first_in_file.items():
+            first_window.setdefault(tag, set()).add(step)
+        if math.isfinite(events.first_wall_time):
+            wall_time += events.last_wall_time - events.first_wall_time
+            has_wall_time = True
+
+    config: dict[str, Any] = {}
+    config_path = path / "config.json"
+    if config_path.is_file():
+        try:
+            loaded = json.loads(config_path.read_text())
+        except (OSError, ValueError):
+            loaded = None
+        if isinstance(loaded, dict):
+            config = loaded
+    return RunSummary(
+        name=name or path.resolve().name,
+        workdir=path,
+        config=config,
+        scalars=scalars,
+        texts=texts,
+        first_window_steps=first_window,
+        wall_time_s=wall_time if has_wall_time else None,
+    )
+
+
+# -------------------------------------------------------------------------------- formatting
+def _fmt(value: float | None, spec: str) -> str:
+    if value is None or not math.isfinite(value):
+        return NA
+    return format(value, spec)
+
+
+def _fmt_int(value: int | None) -> str:
+    return NA if value is None else f"{value:,}"
+
+
+def _fmt_at(point: tuple[int, float] | None, spec: str = ".4f") -> str:
+    return NA if point is None else f"{_fmt(point[1], spec)} (step {point[0]})"
+
+
+def _cell(text: str) -> str:
+    """Makes a table cell safe: no pipes or line breaks."""
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]], right_from: int = 1) -> str:
+    """A Markdown table; columns from `right_from` on are right-aligned."""
+    align = ["---" if i < right_from else "---:" for i in range(len(header))]
+    lines = [
+        "| " + " | ".join(_cell(h) for h in header) + " |",
+        "| " + " | ".join(align) + " |",
+    ]
+    lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _tokens_per_step(run: RunSummary) -> int | None:
+    try:
+        sizes = [int(run.config_value(k)) for k in ("batch_size", "grad_accum_steps", "seq_len")]
+    except (TypeError, ValueError):
+        return None
+    return math.prod(sizes)
+
+
+def _config_cell(run: RunSummary, key: str) -> str:
+    value = run.config_value(key)
+    if value is None:
+        return NA
+    return f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else str(value)
+
+
+def setup_table(runs: Sequence[RunSummary]) -> str:
+    """Workdir and the batch geometry of each run (from `config.json`)."""
+    header = [
+        "run",
+        "workdir",
+        "seq_len",
+        "batch size",
+        "grad accum",
+        "num_train_steps",
+        "tokens trained",
+    ]
+    rows = []
+    for run in runs:
+        per_step, steps = _tokens_per_step(run), run.last_step
+        tokens = None if per_step is None or steps is None else per_step * steps
+        rows.append(
+            [
+                run.name,
+                f"`{run.workdir}`",
+                _config_cell(run, "seq_len"),
+                _config_cell(run, "batch_size"),
+                _config_cell(run, "grad_accum_steps"),
+                _config_cell(run, "num_train_steps"),
+                _fmt_int(tokens),
+            ]
+        )
+    return _table(header, rows, right_from=2)
+
+
+def _has_stream(runs: Sequence[RunSummary]) -> bool:
+    return any(r.series("eval_stream_bits_per_byte") or r.series("eval_stream_loss") for r in runs)
+
+
+def summary_table(runs: Sequence[RunSummary]) -> str:
+    """One row per run with the headline numbers (see the notes under it in the report)."""
+    stream = _has_stream(runs)
+    header = [
+        "run",
+        "model family",
+        "parameters",
+        "steps",
+        "final val loss",
+        "final val bpb",
+        "best val bpb",
+    ]
+    if stream:
+        header.append("final stream bpb")
+    header += [
+        "s/step (median)",
+        "tokens/s (median)",
+        "peak memory (MiB)",
+        "train time (s)",
+        "wall time (s)",
+    ]
+    rows = []
+    for run in runs:
+        final_loss = run.final("eval_loss")
+        final_bpb = run.final("eval_bits_per_byte")
+        row = [
+            run.name,
+            run.model_family or NA,
+            _fmt_int(run.num_params),
+            _fmt_int(run.last_step),
+            _fmt(None if final_loss is None else final_loss[1], ".4f"),
+            _fmt(None if final_bpb is None else final_bpb[1], ".4f"),
+            _fmt_at(run.best("eval_bits_per_byte")),
+        ]
+        if stream:
+            row.append(_fmt_at(run.final("eval_stream_bits_per_byte")))
+        row += [
+            _fmt(run.steady_median("seconds_per_step"), ".4g"),
+            _fmt(run.steady_median("tokens_per_sec"), ",.0f"),
+            _fmt(run.peak_memory_mb, ",.1f"),
+            _fmt(run.train_time_s, ",.1f"),
+            _fmt(run.wall_time_s, ",.1f"),
+        ]
+        rows.append(row)
+    return _table(header, rows, right_from=2)
+
+
+def eval_table(runs: Sequence[RunSummary], loss_tag: str, bpb_tag: str, label: str) -> str:
+    """Loss and bits per byte at every evaluation step (the union over the runs)."""
+    steps = sorted({s for r in runs for tag in (loss_tag, bpb_tag) for s in r.series(tag)})
+    header = ["step"]
+    for run in runs:
+        header += [f"{run.name} {label} loss", f"{run.name} {label} bpb"]
+    rows = []
+    for step in steps:
+        row = [str(step)]
+        for run in runs:
+            row += [
+                _fmt(run.series(loss_tag).get(step), ".4f"),
+                _fmt(run.series(bpb_tag).get(step), ".4f"),
+            ]
+        rows.append(row)
+    return _table(header, rows)
+
+
+def _escape_control(text: str) -> str:
+    """Shows control characters other than newline and tab as `\\xNN` / `\\uNNNN`."""
+    out = []
+    for ch in text.replace("\r\n", "\n"):
+        if ch in "\n\t" or ch.isprintable():
+            out.append(ch)
+        else:
+            code = ord(ch)
+            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+    return "".join(out)
+
+
+def fenced_block(text: str, max_chars: int = MAX_SAMPLE_CHARS) -> str:
+    """`text` in a ``` fence: control characters escaped, backtick runs broken, long text cut."""
+    if len(text) > max_chars:
+        text = text[:max_chars] + f"\n[... {len(text) - max_chars:,} more characters]"
+    text = _escape_control(text)
+    while "```" in text:
+        text = text.replace("```", "` ` `")
+    return f"```\n{text.rstrip(chr(10))}\n```"
+
+
+# ------------------------------------------------------------------------------------- plots
+def _panel(ax: Any, curves: Sequence[tuple[str, str, str, dict[int, float]]], ylabel: str) -> None:
+    """Draws `(label, color, style, series)` curves, skipping empty ones."""
+    from matplotlib.ticker import MaxNLocator
+
+    drawn = 0
+    for label, color, style, values in curves:
+        if not values:
+            continue
+        steps = sorted(values)
+        marker = "o" if len(steps) <= 30 else None
+        ax.plot(
+            steps,
+            [values[s] for s in steps],
+            linestyle=style,
+            color=color,
+            marker=marker,
+            markersize=3,
+            label=label,
+        )
+        drawn += 1
+    ax.set_xlabel("step")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3)
+    if drawn:
+        ax.legend(fontsize="small")
+    else:
+        ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
+
+
+def write_plots(runs: Sequence[RunSummary], plots_dir: str | os.PathLike) -> dict[str, Path]:
+    """Writes `loss_curves.png` and `bits_per_byte.png`; returns `{file name: path}`."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    out_dir = Path(plots_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    colors = {id(run): f"C{i % 10}" for i, run in enumerate(runs)}
+
+    fig = Figure(figsize=(11, 4.2), layout="constrained")
+    FigureCanvasAgg(fig)
+    train_ax, val_ax = fig.subplots(1, 2)
+    _panel(
+        train_ax,
+        [(r.name, colors[id(r)], "-", r.series("train_loss")) for r in runs],
+        "train loss (nats/byte)",
+    )
+    train_ax.set_title("train loss")
+    _panel(
+        val_ax,
+        [(r.name, colors[id(r)], "-", r.series("eval_loss")) for r in runs]
+        + [(f"{r.name} (stream)", colors[id(r)], "--", r.series("eval_stream_loss")) for r in runs],
+        "val loss (nats/byte)",
+    )
+    val_ax.set_title("validation loss")
+    paths = {LOSS_PLOT: out_dir / LOSS_PLOT}
+    fig.savefig(paths[LOSS_PLOT], dpi=110)
+
+    fig = Figure(figsize=(6.5, 4.2), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    _panel(
+        ax,
+        [(r.name, colors[id(r)], "-", r.series("eval_bits_per_byte")) for r in runs]
+        + [
+            (f"{r.name} (stream)", colors[id(r)], "--", r.series("eval_stream_bits_per_byte"))
+            for r in runs
+        ],
+        "bits per byte",
+    )
+    ax.set_title("validation bits per byte")
+    paths[BPB_PLOT] = out_dir / BPB_PLOT
+    fig.savefig(paths[BPB_PLOT], dpi=110)
+    return paths
+
+
+# ------------------------------------------------------------------------------------ report
+NOTES = """\
+* *final*: at the last evaluation step; *best val bpb*: the lowest validation bits per byte and
+  the step it was reached at; *bpb*: bits per byte, *loss*: nats per byte.
+* *s/step*, *tokens/s*: medians over the logging windows, without each process's first window
+  (it includes compilation) unless nothing else was logged.
+* *peak memory*: the largest `peak_memory_mb` logged (device memory, or host RSS where the
+  backend does not report it).
+* *train time*: `seconds_per_step` × the steps of each logging window, summed: train steps only,
+  compilation included, evaluation, sampling and checkpointing excluded.
+* *wall time*: from the first to the last event of each process, summed over restarts.
+* *n/a*: the run did not log that value."""
+
+
+def render_markdown(
+    runs: Sequence[RunSummary],
+    out_dir: str | os.PathLike,
+    plots: Mapping[str, str | os.PathLike],
+    title: str = DEFAULT_TITLE,
+) -> str:
+    """The report's Markdown; image links are relative to `out_dir`."""
+    parts = [f"# {title}", "## Setup", setup_table(runs), "## Summary", summary_table(runs), NOTES]
+    parts += [
+        "## Validation by step",
+        eval_table(runs, "eval_loss", "eval_bits_per_byte", "val"),
+    ]
+    if _has_stream(runs):
+        parts += [
+            "## Streaming validation by step",
+            eval_table(runs, "eval_stream_loss", "eval_stream_bits_per_byte", "stream"),
+        ]
+    parts.append("## Plots")
+    captions = {LOSS_PLOT: "Train and validation loss", BPB_PLOT: "Validation bits per byte"}
+    for key, path in plots.items():
+        rel = Path(os.path.relpath(Path(path).resolve(), Path(out_dir).resolve())).as_posix()
+        parts.append(f"![{captions.get(key, key)}]({rel})")
+    parts.append("## Samples")
+    for run in runs:
+        sample = run.last_sample
+        if sample is None:
+            parts += [f"### {run.name}", "_No sample logged._"]
+        else:
+            parts += [f"### {run.name} (step {sample[0]})", fenced_block(sample[1])]
+    return "\n\n".join(parts) + "\n"
+
+
+def write_report(
+    runs: Sequence[RunSummary],
+    out_path: str | os.PathLike,
+    plots_dir: str | os.PathLike | None = None,
+    title: str = DEFAULT_TITLE,
+) -> Path:
+    """Writes the plots and the Markdown report; returns the report's path.
+
+    Args:
+        runs: The runs, in table order.
+        out_path: The Markdown file to write (its folder is created).
+        plots_dir: Folder of the PNG plots; default: `plots/` next to `out_path`.
+        title: The report's heading.
+    """
+    if not runs:
+        raise ValueError("no runs to compare")
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    plots = write_plots(runs, out.parent / "plots" if plots_dir is None else Path(plots_dir))
+    out.write_text(render_markdown(runs, out.parent, plots, title), encoding="utf-8")
+    return out
+
+
+# --------------------------------------------------------------------------------------- CLI
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m megalodon_flax.compare",
+        description="Markdown comparison (tables, plots, samples) of finished training runs.",
+    )
+    parser.add_argument(
+        "--workdirs", nargs="+", required=True, help="Training workdirs (event files)."
+    )
+    parser.add_argument("--out", required=True, help="Markdown file to write.")
+    parser.add_argument(
+        "--plots_dir", default=None, help="Folder of the PNG plots (default: plots/ beside --out)."
+    )
+    parser.add_argument("--title", default=DEFAULT_TITLE, help="Heading of the report.")
+    parser.add_argument(
+        "--names", nargs="+", default=None, help="Run labels (default: workdir names)."
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> Path:
+    """Command-line entry point; returns the report's path.
+
+    Raises:
+        SystemExit: On bad arguments or a workdir without event files.
+    """
+    args = _parser().parse_args(argv)
+    if args.names is not None and len(args.names) != len(args.workdirs):
+        sys.exit(
+            f"error: {len(args.names)} --names for {len(args.workdirs)} --workdirs; "
+            "give one name per workdir"
+        )
+    names = args.names or [None] * len(args.workdirs)
+    try:
+        runs = [load_run(w, n) for w, n in zip(args.workdirs, names, strict=True)]
+    except FileNotFoundError as err:
+        sys.exit(f"error: {err}")
+    out = write_report(runs, args.out, args.plots_dir, args.title)
+    print(f"Wrote {out}")
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""Configuration of the Llama baseline: a frozen, validated dataclass."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import jax.numpy as jnp
+
+from megalodon_flax.config import ConfigError
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """Hyper-parameters of the Llama baseline (pre-norm RMSNorm, RoPE, SwiGLU, tied head).
+
+    The enwik8 defaults (dim 384, 6 layers, 6 heads of 64, FFN hidden 1280) give
+    12,489,792 parameters, the size of the reference comparison.
+
+    Attributes:
+      vocab_size: embedding rows, also the width of the tied LM head.
+      model_dim: residual width D.
+      num_layers: transformer blocks.
+      num_heads: attention heads; the head width is model_dim / num_heads.
+      ffn_hidden_dim: SwiGLU hidden width F.
+      rope_base: RoPE base.
+      norm_eps: epsilon of the RMSNorms.
+      dropout: dropout on the embeddings and on each sub-block's output.
+      attention_dropout: dropout on the attention probabilities.
+      init_std: standard deviation of the normal weight initialization.
+      param_dtype: storage dtype of the parameters.
+      compute_dtype: dtype of matmul inputs and activations (norms, softmax and logits stay
+        float32).
+      remat: rematerialize each block in the backward pass.
+    """
+
+    vocab_size: int = 256
+    model_dim: int = 384
+    num_layers: int = 6
+    num_heads: int = 6
+    ffn_hidden_dim: int = 1280
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-5
+    dropout: float = 0.0
+    attention_dropout: float = 0.0
+    init_std: float = 0.02
+    param_dtype: str = "float32"
+    compute_dtype: str = "float32"
+    remat: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "model_dim", "num_layers", "num_heads", "ffn_hidden_dim"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"{name} must be a positive int, got {value!r}")
+        if self.model_dim % self.num_heads:
+            raise ConfigError(
+                f"model_dim ({self.model_dim}) must be divisible by num_heads ({self.num_heads})"
+            )
+        if self.head_dim % 2:
+            raise ConfigError(
+                f"head width model_dim/num_heads = {self.head_dim} must be even (RoPE pairs)"
+            )
+        for name in ("dropout", "attention_dropout"):
+            value = getattr(self, name)
+            if not 0.0 <= float(value) < 1.0:
+                raise ConfigError(f"{name} must be in [0, 1), got {value}")
+        for name in ("rope_base", "norm_eps", "init_std"):
+            value = float(getattr(self, name))
+            if not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"{name} must be positive and finite, got {value}")
+        for name in ("param_dtype", "compute_dtype"):
+            value = getattr(self, name)
+            if str(value) in ("float16", "half", "fp16"):
+                raise ConfigError(
+                    f"{name}=float16 is not supported (it shares the Megalodon runs' dtype "
+                    "rules); use float32 or bfloat16"
+                )
+            if value not in _DTYPES:
+                raise ConfigError(f"{name} must be one of {tuple(_DTYPES)}, got {value!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.model_dim // self.num_heads
+
+    @property
+    def output_width(self) -> int:
+        """LM-head width (the tied embedding's rows)."""
+        return self.vocab_size
+
+    @property
+    def params_jnp_dtype(self) -> Any:
+        return _DTYPES[self.param_dtype]
+
+    @property
+    def compute_jnp_dtype(self) -> Any:
+        return _DTYPES[self.compute_dtype]
+
+    def parameter_count(self) -> int:
+        """Closed-form parameter count: embedding, per block 4·D² + 3·D·F + 2·D, final norm."""
+        d, f = self.model_dim, self.ffn_hidden_dim
+        per_block = 4 * d * d + 3 * d * f + 2 * d
+        return self.vocab_size * d + self.num_layers * per_block + d
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> LlamaConfig:
+        """Builds a config from a dict or ConfigDict; unknown keys are rejected by name."""
+        if hasattr(values, "to_dict"):
+            values = values.to_dict()
+        values = dict(values)
+        unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ConfigError(f"unknown llama model config keys: {unknown}")
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> LlamaConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

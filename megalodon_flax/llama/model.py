@@ -1,0 +1,227 @@
+"""The Llama baseline: pre-norm RMSNorm blocks, RoPE attention, SwiGLU FFN, tied LM head.
+
+Parameters carry the same logical axis names as Megalodon's (`vocab`, `embed`, `value`,
+`mlp`), so the sharding rules of `megalodon_flax.sharding` apply unchanged. Norm statistics,
+RoPE, softmax and logits compute in float32; matmuls take `compute_dtype` inputs and
+accumulate in float32.
+
+For decoding, `LlamaLM` takes an explicit `LlamaCache` of fixed capacity: a call with L
+tokens writes their keys and values at positions [length, length + L) and attends to every
+filled position up to its own.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from megalodon_flax.llama.config import LlamaConfig
+from megalodon_flax.model.linear import Linear
+from megalodon_flax.model.rotary import apply_rope, rope_frequencies
+
+_NEG_INF = -1e30
+
+
+@flax.struct.dataclass
+class LayerKV:
+    """Keys and values of one layer: each (B, T, H, Dh) in the compute dtype."""
+
+    keys: jax.Array
+    values: jax.Array
+
+
+@flax.struct.dataclass
+class LlamaCache:
+    """Decode state: per-layer KV buffers of capacity T and the number of filled positions."""
+
+    layers: tuple[LayerKV, ...]
+    length: jax.Array  # () int32
+
+
+def init_llama_cache(config: LlamaConfig, batch_size: int, capacity: int) -> LlamaCache:
+    """An empty cache holding up to `capacity` positions per row."""
+    shape = (batch_size, capacity, config.num_heads, config.head_dim)
+    zeros = jnp.zeros(shape, config.compute_jnp_dtype)
+    return LlamaCache(
+        layers=tuple(LayerKV(zeros, zeros) for _ in range(config.num_layers)),
+        length=jnp.zeros((), jnp.int32),
+    )
+
+
+class RMSNorm(nn.Module):
+    """x · rsqrt(mean(x²) + eps) · scale over the last axis, float32, scale initialized 1."""
+
+    eps: float = 1e-5
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x (..., D) → float32 (..., D)."""
+        scale = self.param(
+            "scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)), (x.shape[-1],)
+        )
+        x = x.astype(jnp.float32)
+        return x * jax.lax.rsqrt(jnp.mean(jnp.square(x), -1, keepdims=True) + self.eps) * scale
+
+
+def _linear(config: LlamaConfig, name: str, features: int, axes: tuple[str, str]) -> Linear:
+    return Linear(
+        features=features,
+        axes=axes,
+        use_bias=False,
+        kernel_init=nn.initializers.normal(config.init_std),
+        param_dtype=config.params_jnp_dtype,
+        compute_dtype=config.compute_jnp_dtype,
+        name=name,
+    )
+
+
+class LlamaAttention(nn.Module):
+    """Multi-head causal self-attention with half-split RoPE on absolute positions."""
+
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        kv: LayerKV | None,
+        start: jax.Array | None,
+        deterministic: bool,
+    ) -> tuple[jax.Array, LayerKV | None]:
+        """x (B, L, D), positions (L,) → (B, L, D) and the updated KV buffers.
+
+        Without `kv`, position i attends to positions ≤ i of this call. With `kv` (capacity T)
+        the call's keys and values are written at [start, start + L) and query i attends to
+        buffer slots ≤ start + i.
+        """
+        cfg = self.config
+        cd = cfg.compute_jnp_dtype
+        batch, length, _ = x.shape
+        heads, head_dim = cfg.num_heads, cfg.head_dim
+        width = heads * head_dim
+
+        def project(name: str) -> jax.Array:
+            y = _linear(cfg, name, width, ("embed", "value"))(x)
+            return y.reshape(batch, length, heads, head_dim)
+
+        freqs = rope_frequencies(head_dim, cfg.rope_base)
+        q = apply_rope(project("wq"), positions, freqs, "half_split").astype(cd)
+        k = apply_rope(project("wk"), positions, freqs, "half_split").astype(cd)
+        v = project("wv")
+        if kv is None:
+            keys, values = k, v
+            key_positions = positions
+        else:
+            index = (0, start, 0, 0)
+            keys = jax.lax.dynamic_update_slice(kv.keys, k, index)
+            values = jax.lax.dynamic_update_slice(kv.values, v, index)
+            kv = LayerKV(keys, values)
+            key_positions = jnp.arange(keys.shape[1], dtype=positions.dtype)
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, keys, preferred_element_type=jnp.float32)
+        logits = logits * (head_dim**-0.5)
+        causal = key_positions[None, :] <= positions[:, None]  # (L, T)
+        logits = jnp.where(causal, logits, _NEG_INF)
+        probs = jax.nn.softmax(logits, axis=-1)
+        if cfg.attention_dropout > 0.0:
+            probs = nn.Dropout(cfg.attention_dropout)(probs, deterministic=deterministic)
+        out = jnp.einsum(
+            "bhqk,bkhd->bqhd", probs.astype(cd), values, preferred_element_type=jnp.float32
+        )
+        out = out.astype(cd).reshape(batch, length, width)
+        return _linear(cfg, "wo", cfg.model_dim, ("value", "embed"))(out), kv
+
+
+class SwiGLU(nn.Module):
+    """w2(silu(w1 x) ⊙ w3 x)."""
+
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x (B, L, D) → (B, L, D)."""
+        cfg = self.config
+        hidden = cfg.ffn_hidden_dim
+        gate = jax.nn.silu(_linear(cfg, "w1", hidden, ("embed", "mlp"))(x))
+        a = gate * _linear(cfg, "w3", hidden, ("embed", "mlp"))(x)
+        a = nn.with_logical_constraint(a, ("batch", "length", "act_mlp"))
+        return _linear(cfg, "w2", cfg.model_dim, ("mlp", "embed"))(a)
+
+
+class LlamaBlock(nn.Module):
+    """x + attn(RMSNorm(x)), then + SwiGLU(RMSNorm(·))."""
+
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        kv: LayerKV | None,
+        start: jax.Array | None,
+        deterministic: bool = True,
+    ) -> tuple[jax.Array, LayerKV | None]:
+        """x (B, L, D) → (B, L, D) in the compute dtype and the updated KV buffers."""
+        cfg = self.config
+        cd = cfg.compute_jnp_dtype
+        drop = nn.Dropout(cfg.dropout)
+        h = RMSNorm(cfg.norm_eps, name="attention_norm")(x).astype(cd)
+        h, kv = LlamaAttention(cfg, name="attention")(h, positions, kv, start, deterministic)
+        x = x + drop(h, deterministic=deterministic)
+        h = RMSNorm(cfg.norm_eps, name="ffn_norm")(x).astype(cd)
+        x = x + drop(SwiGLU(cfg, name="ffn")(h), deterministic=deterministic)
+        return nn.with_logical_constraint(x, ("batch", "length", "act_embed")), kv
+
+
+class LlamaLM(nn.Module):
+    """The causal LM: embedding, blocks, final RMSNorm, head tied to the embedding.
+
+    The call signature matches `MegalodonLM` where the two overlap, so the training loop,
+    window evaluation and `inference.generate` drive both.
+    """
+
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(
+        self,
+        tokens: jax.Array,
+        cache: LlamaCache | None = None,
+        deterministic: bool = True,
+        return_cache: bool = False,
+    ) -> tuple[jax.Array, LlamaCache | None]:
+        """tokens (B, L) int → float32 logits (B, L, V) and the updated cache.
+
+        Without `cache` positions are 0..L-1 and the returned cache is None (a fresh decode
+        needs a buffer: pass `init_llama_cache(...)`). `return_cache` exists for signature
+        parity with `MegalodonLM`; a given cache is always returned updated.
+        """
+        del return_cache
+        cfg = self.config
+        cd = cfg.compute_jnp_dtype
+        embedding = self.param(
+            "embedding",
+            nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), ("vocab", "embed")),
+            (cfg.vocab_size, cfg.model_dim),
+            cfg.params_jnp_dtype,
+        )
+        length = tokens.shape[1]
+        start = None if cache is None else cache.length
+        offset = 0 if start is None else start
+        positions = offset + jnp.arange(length, dtype=jnp.int32)
+        x = jnp.take(embedding, tokens, axis=0).astype(cd)
+        x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
+        block = nn.remat(LlamaBlock, static_argnums=(5,)) if cfg.remat else LlamaBlock
+        new_layers = []
+        for i in range(cfg.num_layers):
+            kv = None if cache is None else cache.layers[i]
+            x, kv = block(cfg, name=f"layers_{i}")(x, positions, kv, start, deterministic)
+            new_layers.append(kv)
+        h = RMSNorm(cfg.norm_eps, name="norm")(x)
+        logits = jnp.dot(h.astype(cd), embedding.astype(cd).T, preferred_element_type=jnp.float32)
+        if cache is None:
+            return logits, None
+        return logits, LlamaCache(tuple(new_layers), cache.length + length)

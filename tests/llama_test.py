@@ -1,0 +1,218 @@
+"""Tests of the Llama baseline (megalodon_flax.llama) and its use by the shared training loop.
+
+Oracles: a float64 NumPy forward written from the architecture's definition, the closed-form
+parameter count of the reference comparison, perturbation of future tokens (causality), the
+uncached forward for cached decoding, and the tiny-run loop of the training system.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import _train_utils as tu
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from megalodon_flax import inference, models, sharding, train
+from megalodon_flax.config import ConfigError
+from megalodon_flax.llama import LlamaConfig, LlamaLM, init_llama_cache
+from megalodon_flax.model import count_params
+
+REFERENCE_PARAMETERS = 12_489_792  # the reference comparison's Llama
+
+
+def tiny_config(**overrides) -> LlamaConfig:
+    base = dict(vocab_size=64, model_dim=32, num_layers=2, num_heads=4, ffn_hidden_dim=48)
+    base.update(overrides)
+    return LlamaConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A tiny float32 model with its norm scales perturbed away from 1."""
+    model = LlamaLM(tiny_config())
+    params = nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"])
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    leaves = [
+        leaf + 0.2 * jax.random.normal(k, leaf.shape) if leaf.ndim == 1 else leaf
+        for leaf, k in zip(leaves, keys, strict=True)
+    ]
+    return model, jax.tree.unflatten(treedef, leaves)
+
+
+def test_enwik8_baseline_size_matches_the_reference_comparison() -> None:
+    config = LlamaConfig()
+    model = LlamaLM(config)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))
+    built = count_params(shapes["params"])
+    assert built == config.parameter_count() == 12_489_600
+    assert abs(built - REFERENCE_PARAMETERS) / REFERENCE_PARAMETERS < 0.005
+    assert (config.model_dim, config.num_layers, config.num_heads, config.head_dim) == (
+        384,
+        6,
+        6,
+        64,
+    )
+
+
+def test_parameters_carry_logical_axis_names_known_to_the_rules() -> None:
+    model = LlamaLM(tiny_config())
+    boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32)))
+    known = {name for name, _ in sharding.DEFAULT_LOGICAL_AXIS_RULES}
+    leaves = jax.tree.leaves(boxed["params"], is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    assert leaves and all(isinstance(leaf, nn.Partitioned) for leaf in leaves)
+    for leaf in leaves:
+        assert len(leaf.names) == len(leaf.value.shape)
+        assert set(leaf.names) <= known, leaf.names
+
+
+def _numpy_forward(params, config: LlamaConfig, tokens: np.ndarray) -> np.ndarray:
+    """float64 logits (B, L, V): pre-norm blocks, half-split RoPE, causal softmax, SwiGLU."""
+    p = jax.tree.map(lambda x: np.asarray(x, np.float64), params)
+    heads, dh = config.num_heads, config.head_dim
+
+    def rms(x, scale):
+        return x / np.sqrt(np.mean(x * x, -1, keepdims=True) + config.norm_eps) * scale
+
+    length = tokens.shape[1]
+    pos = np.arange(length, dtype=np.float64)
+    freqs = config.rope_base ** (-np.arange(0, dh, 2, dtype=np.float64) / dh)
+    cos, sin = np.cos(pos[:, None] * freqs), np.sin(pos[:, None] * freqs)
+
+    def rope(x):  # (B, L, H, Dh)
+        a, b = x[..., : dh // 2], x[..., dh // 2 :]
+        c, s = cos[None, :, None], sin[None, :, None]
+        return np.concatenate([a * c - b * s, b * c + a * s], -1)
+
+    x = p["embedding"][tokens]
+    mask = np.tril(np.ones((length, length), bool))
+    for i in range(config.num_layers):
+        layer = p[f"layers_{i}"]
+        att = layer["attention"]
+        h = rms(x, layer["attention_norm"]["scale"])
+        q, k, v = (
+            (h @ att[n]["kernel"]).reshape(*h.shape[:2], heads, dh) for n in ("wq", "wk", "wv")
+        )
+        q, k = rope(q), rope(k)
+        logits = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(dh)
+        logits = np.where(mask, logits, -np.inf)
+        probs = np.exp(logits - logits.max(-1, keepdims=True))
+        probs /= probs.sum(-1, keepdims=True)
+        out = np.einsum("bhqk,bkhd->bqhd", probs, v).reshape(x.shape)
+        x = x + out @ att["wo"]["kernel"]
+        ffn = layer["ffn"]
+        h = rms(x, layer["ffn_norm"]["scale"])
+        a = h @ ffn["w1"]["kernel"]
+        a = a / (1 + np.exp(-a)) * (h @ ffn["w3"]["kernel"])
+        x = x + a @ ffn["w2"]["kernel"]
+    return rms(x, p["norm"]["scale"]) @ p["embedding"].T
+
+
+def test_forward_matches_float64_numpy_oracle(tiny) -> None:
+    model, params = tiny
+    tokens = np.asarray(jax.random.randint(jax.random.key(2), (2, 24), 0, 64))
+    with jax.default_matmul_precision("highest"):
+        logits, cache = model.apply({"params": params}, tokens)
+    assert cache is None and logits.dtype == jnp.float32
+    np.testing.assert_allclose(
+        np.asarray(logits), _numpy_forward(params, model.config, tokens), atol=2e-4, rtol=1e-4
+    )
+
+
+def test_future_tokens_do_not_change_past_logits(tiny) -> None:
+    model, params = tiny
+    tokens = jax.random.randint(jax.random.key(3), (2, 32), 0, 64)
+    base, _ = model.apply({"params": params}, tokens)
+    for j in (0, 13, 31):
+        changed = tokens.at[:, j].set((tokens[:, j] + 5) % 64)
+        logits, _ = model.apply({"params": params}, changed)
+        np.testing.assert_array_equal(np.asarray(logits[:, :j]), np.asarray(base[:, :j]))
+        assert float(jnp.abs(logits[:, j:] - base[:, j:]).max()) > 1e-3
+
+
+def test_cached_prefill_and_decode_equal_the_full_forward(tiny) -> None:
+    model, params = tiny
+    tokens = jax.random.randint(jax.random.key(4), (2, 20), 0, 64)
+    full, _ = model.apply({"params": params}, tokens)
+    cache = init_llama_cache(model.config, 2, 20)
+    parts = []
+    for lo, hi in ((0, 11), (11, 12), (12, 17), (17, 20)):
+        logits, cache = model.apply({"params": params}, tokens[:, lo:hi], cache=cache)
+        parts.append(logits)
+    assert int(cache.length) == 20
+    np.testing.assert_allclose(np.concatenate(parts, 1), np.asarray(full), atol=2e-5)
+
+
+def test_greedy_generation_equals_argmax_of_the_growing_forward(tiny) -> None:
+    model, params = tiny
+    prompt = jax.random.randint(jax.random.key(5), (2, 6), 0, 64)
+    new = inference.generate(model, params, prompt, 12, jax.random.key(0), temperature=0.0)
+    sequence = np.asarray(prompt)
+    for t in range(12):
+        logits, _ = model.apply({"params": params}, sequence)
+        nxt = np.asarray(jnp.argmax(logits[:, -1], -1))
+        np.testing.assert_array_equal(np.asarray(new[:, t]), nxt)
+        sequence = np.concatenate([sequence, nxt[:, None]], 1)
+
+
+@pytest.mark.parametrize(
+    "field, value, match",
+    [
+        ("num_heads", 5, "divisible"),
+        ("model_dim", 30, "must be even"),
+        ("compute_dtype", "float16", "float16 is not supported"),
+        ("dropout", 1.0, r"\[0, 1\)"),
+        ("rope_base", -1.0, "positive"),
+    ],
+)
+def test_invalid_config_values_raise(field, value, match) -> None:
+    kwargs = {"num_heads": 6} if field == "model_dim" else {}
+    with pytest.raises(ConfigError, match=match):
+        tiny_config(**{field: value, **kwargs})
+
+
+def _llama_training_config(tmp: Path, **overrides):
+    data_dir, manual_dir = tu.make_enwik8_dirs(tmp / "data")
+    config = tu.tiny_config(data_dir=data_dir, manual_dir=manual_dir, **overrides)
+    with config.unlocked():
+        config.model_family = "llama"
+        config.model = dict(
+            vocab_size=256, model_dim=16, num_layers=1, num_heads=2, ffn_hidden_dim=32
+        )
+    return config
+
+
+def test_training_config_family_selects_the_model(tmp_path: Path) -> None:
+    config = _llama_training_config(tmp_path)
+    assert isinstance(train.validate_config(config), LlamaConfig)
+    assert isinstance(models.build_model(train.validate_config(config)), LlamaLM)
+    config.eval_mode = "stream"
+    with pytest.raises(ConfigError, match="carried state"):
+        train.validate_config(config)
+    config.eval_mode = "window"
+    config.model_family = "gpt"
+    with pytest.raises(ConfigError, match="model_family"):
+        train.validate_config(config)
+
+
+def test_llama_trains_with_the_shared_loop(tmp_path: Path) -> None:
+    config = _llama_training_config(
+        tmp_path, num_train_steps=12, log_every_steps=4, eval_every_steps=12
+    )
+    workdir = tmp_path / "run"
+    state = train.train_and_evaluate(config, str(workdir))
+    assert int(state.step) == 12
+    loss = tu.read_scalars(workdir, "train_loss")
+    assert sorted(loss) == [4, 8, 12] and loss[12] < loss[4] - 0.3
+    assert tu.read_scalars(workdir, "num_params") == {0: config_param_count(config)}
+    assert sorted(tu.read_scalars(workdir, "eval_bits_per_byte")) == [12]
+    samples = tu.read_texts(workdir)
+    assert samples and all(s.startswith(config.sample_prompt) for s in samples.values())
+
+
+def config_param_count(config) -> int:
+    return LlamaConfig.from_mapping(config.model).parameter_count()
