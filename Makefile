@@ -37,4 +37,4 @@ bench: install
 compare: install
 	$(PY) main.py --config=configs/megalodon.py --workdir=runs/megalodon $(COMPARE_ARGS)
 	$(PY) main.py --config=configs/llama.py --workdir=runs/llama $(COMPARE_ARGS)
-	$(PY) -m megalodon_flax.compare --workdirs runs/megalodon runs/llama --out RESULTS.md --plots_dir results/plots
+	$(PY) -m megalodon_flax.compare --workdirs runs/megalodon runs/llama --out RESULTS.md --plots_dir results/plots --intro results/intro.md

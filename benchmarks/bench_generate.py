@@ -739,6 +739,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default="hf",
         help="our bias set (megalodon-jax always uses the upstream set)",
     )
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="compute dtype of both models (parameters stay float32; the enwik8 training "
+        "config uses bfloat16)",
+    )
     p.add_argument("--skip-peer", action="store_true", help="do not benchmark megalodon-jax")
     p.add_argument("--skip-memory", action="store_true")
     p.add_argument("--out", default=DEFAULT_OUT, help=f"JSON output (default {DEFAULT_OUT})")
@@ -770,7 +777,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     def log(msg: str) -> None:
         print(f"[{time.perf_counter() - start:7.1f}s] {msg}", flush=True)
 
-    cfg = mf.enwik8_config(bias_topology=args.bias_topology)
+    cfg = mf.enwik8_config(bias_topology=args.bias_topology, compute_dtype=args.dtype)
     results: dict[str, Any] = {
         "machine": common.machine_info(),
         "settings": dict(vars(args)),

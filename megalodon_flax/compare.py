@@ -572,9 +572,15 @@ def render_markdown(
     out_dir: str | os.PathLike,
     plots: Mapping[str, str | os.PathLike],
     title: str = DEFAULT_TITLE,
+    intro: str | None = None,
 ) -> str:
-    """The report's Markdown; image links are relative to `out_dir`."""
-    parts = [f"# {title}", "## Setup", setup_table(runs), "## Summary", summary_table(runs), NOTES]
+    """The report's Markdown; image links are relative to `out_dir`; `intro` (Markdown) goes
+    under the title."""
+    parts = (
+        [f"# {title}"]
+        + ([intro.strip()] if intro else [])
+        + ["## Setup", setup_table(runs), "## Summary", summary_table(runs), NOTES]
+    )
     parts += [
         "## Validation by step",
         eval_table(runs, "eval_loss", "eval_bits_per_byte", "val"),
@@ -604,6 +610,7 @@ def write_report(
     out_path: str | os.PathLike,
     plots_dir: str | os.PathLike | None = None,
     title: str = DEFAULT_TITLE,
+    intro: str | None = None,
 ) -> Path:
     """Writes the plots and the Markdown report; returns the report's path.
 
@@ -612,13 +619,14 @@ def write_report(
         out_path: The Markdown file to write (its folder is created).
         plots_dir: Folder of the PNG plots; default: `plots/` next to `out_path`.
         title: The report's heading.
+        intro: Markdown placed under the heading (how the runs were made, caveats).
     """
     if not runs:
         raise ValueError("no runs to compare")
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     plots = write_plots(runs, out.parent / "plots" if plots_dir is None else Path(plots_dir))
-    out.write_text(render_markdown(runs, out.parent, plots, title), encoding="utf-8")
+    out.write_text(render_markdown(runs, out.parent, plots, title, intro), encoding="utf-8")
     return out
 
 
@@ -636,6 +644,9 @@ def _parser() -> argparse.ArgumentParser:
         "--plots_dir", default=None, help="Folder of the PNG plots (default: plots/ beside --out)."
     )
     parser.add_argument("--title", default=DEFAULT_TITLE, help="Heading of the report.")
+    parser.add_argument(
+        "--intro", default=None, help="Markdown file whose text goes under the heading."
+    )
     parser.add_argument(
         "--names", nargs="+", default=None, help="Run labels (default: workdir names)."
     )
@@ -659,7 +670,13 @@ def main(argv: Sequence[str] | None = None) -> Path:
         runs = [load_run(w, n) for w, n in zip(args.workdirs, names, strict=True)]
     except FileNotFoundError as err:
         sys.exit(f"error: {err}")
-    out = write_report(runs, args.out, args.plots_dir, args.title)
+    intro = None
+    if args.intro is not None:
+        try:
+            intro = Path(args.intro).read_text(encoding="utf-8")
+        except OSError as err:
+            sys.exit(f"error: cannot read --intro {args.intro}: {err}")
+    out = write_report(runs, args.out, args.plots_dir, args.title, intro)
     print(f"Wrote {out}")
     return out
 

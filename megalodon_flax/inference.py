@@ -208,7 +208,7 @@ def _generate_core(
     """Prefill + `lax.scan` decode; returns tokens (B, T) int32 and the final cache."""
     temperature, top_p, min_p = scalars
     batch = prompt.shape[0]
-    variables = {"params": params}
+    variables = {"params": _matmul_weights_in_compute_dtype(params, model.config)}
 
     def sample(logits: jax.Array, key: jax.Array) -> jax.Array:
         return _sample(logits, key, temperature, top_p, min_p, greedy, top_k, use_top_p, use_min_p)
@@ -235,6 +235,24 @@ def _generate_core(
     (cache, _, _), rest = jax.lax.scan(step, (cache, first, finished), keys[1:])
     tokens = jnp.concatenate([first[:, None], rest.T], axis=1)
     return tokens, cache
+
+
+def _matmul_weights_in_compute_dtype(params: Any, config: Any) -> Any:
+    """Casts the matmul weights (`kernel`, `embedding` leaves) to the compute dtype once.
+
+    The layers cast them on every call; doing it before the decode loop gives identical
+    results and halves the bytes each bfloat16 decode step reads (decoding one token is
+    bound by reading the weights). Everything else (CEMA, norms, biases) stays as stored.
+    """
+    compute = jnp.dtype(config.compute_jnp_dtype)
+
+    def cast(path: tuple[Any, ...], leaf: jax.Array) -> jax.Array:
+        name = getattr(path[-1], "key", None)
+        if name in ("kernel", "embedding") and jnp.dtype(leaf.dtype).itemsize > compute.itemsize:
+            return leaf.astype(compute)
+        return leaf
+
+    return jax.tree_util.tree_map_with_path(cast, params)
 
 
 def _params_collection(params: Any) -> Any:

@@ -240,12 +240,15 @@ def test_cli_subprocess_with_names_title_and_plots_dir(workdirs, tmp_path) -> No
     cmd = [sys.executable, "-m", "megalodon_flax.compare", "--workdirs"]
     cmd += [str(workdirs["seed1"]), str(workdirs["sparse"]), "--names", "A", "B"]
     cmd += ["--out", str(out), "--plots_dir", str(tmp_path / "figs"), "--title", "Tiny runs"]
+    intro = tmp_path / "intro.md"
+    intro.write_text("Two *tiny* runs.\n")
+    cmd += ["--intro", str(intro)]
     proc = subprocess.run(
         cmd, cwd=tu.REPO_ROOT, env=tu.subprocess_env(), capture_output=True, text=True, timeout=120
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = out.read_text()
-    assert text.startswith("# Tiny runs\n")
+    assert text.startswith("# Tiny runs\n\nTwo *tiny* runs.\n\n## Setup\n")
     assert [r["run"] for r in _tables(text)["Summary"]] == ["A", "B"]
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
     assert links == ["../figs/loss_curves.png", "../figs/bits_per_byte.png"]

@@ -395,3 +395,22 @@ def test_invalid_arguments_raise_clear_errors(lm, kwargs, error, match):
     args.update(kwargs)
     with pytest.raises(error, match=match):
         generate(model, params, **args)
+
+
+def test_weights_cast_before_decoding_give_identical_logits(lm) -> None:
+    """generate() casts matmul weights to the compute dtype once; the layers would cast them
+    on every call, so the logits are bit-identical (bf16 compute, fp32 storage)."""
+    model, params, _ = lm
+    bf16 = MegalodonLM(model.config.replace(compute_dtype="bfloat16"))
+    cast = inference._matmul_weights_in_compute_dtype(params, bf16.config)
+    kinds = {path[-1].key: leaf.dtype for path, leaf in jax.tree_util.tree_leaves_with_path(cast)}
+    assert kinds["kernel"] == jnp.bfloat16 and kinds["alpha"] == jnp.float32
+    tokens = jax.random.randint(jax.random.key(7), (2, 40), 0, 64)
+    ref, ref_cache = bf16.apply({"params": params}, tokens, return_cache=True)
+    out, out_cache = bf16.apply({"params": cast}, tokens, return_cache=True)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(ref))
+    step_ref, _ = bf16.apply({"params": params}, tokens[:, :1], cache=ref_cache)
+    step_out, _ = bf16.apply({"params": cast}, tokens[:, :1], cache=out_cache)
+    np.testing.assert_array_equal(np.asarray(step_out), np.asarray(step_ref))
+    fp32 = inference._matmul_weights_in_compute_dtype(params, model.config)
+    assert all(a is b for a, b in zip(jax.tree.leaves(fp32), jax.tree.leaves(params), strict=True))
