@@ -425,9 +425,9 @@ def memory_section(
         checked = [ratios["temp_ratio"], ratios["peak_estimate_ratio"], ratios["state_ratio"]]
         ratios["within_5_percent"] = all(abs(r - 1.0) <= CONSTANT_MEMORY_TOLERANCE for r in checked)
         if "rss_growth_ratio" in ratios:
-            ratios["rss_within_5_percent"] = (
-                abs(ratios["rss_growth_ratio"] - 1.0) <= CONSTANT_MEMORY_TOLERANCE
-            )
+            # Sampled RSS growth is noisy; constant memory means it does not grow (a smaller
+            # growth for the longer run is allocator noise, not a violation).
+            ratios["rss_no_growth"] = ratios["rss_growth_ratio"] <= 1.0 + CONSTANT_MEMORY_TOLERANCE
         out["ratios"] = ratios
     return out
 
@@ -501,7 +501,7 @@ def ratios_and_targets(results: dict[str, Any]) -> tuple[dict[str, Any], dict[st
             "temp_ratio": mem["temp_ratio"],
             "rss_growth_ratio": mem.get("rss_growth_ratio"),
             "tolerance": CONSTANT_MEMORY_TOLERANCE,
-            "holds": bool(mem["within_5_percent"] and mem.get("rss_within_5_percent", True)),
+            "holds": bool(mem["within_5_percent"] and mem.get("rss_no_growth", True)),
         }
     return ratios, targets
 
@@ -661,7 +661,7 @@ def render(results: dict[str, Any]) -> str:
                 f": temp {r['temp_ratio']:.6f}, peak_est {r['peak_estimate_ratio']:.6f}, "
                 f"state {r['state_ratio']:.6f}, rss growth {fmt(r.get('rss_growth_ratio'), '.4f')}"
                 f" -> within 5%: {r['within_5_percent']}"
-                f" (rss: {r.get('rss_within_5_percent', '-')})"
+                f" (rss growth <= 5%: {r.get('rss_no_growth', '-')})"
             )
     ratios = results.get("ratios", {})
     lines = []
