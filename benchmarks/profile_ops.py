@@ -721,8 +721,7 @@ def thread_cpu_split(
 # ---------------------------------------------------------------------------- profiling
 def profile_executable(
     name: str,
-    compile_fn: Callable[[], Any],
-    run: Callable[[], None],
+    runner: Any,
     repeats: int,
     warmup: int,
     logdir: str | None = None,
@@ -731,14 +730,17 @@ def profile_executable(
 ) -> dict[str, Any]:
     """Compiles (with Flax module scopes on), warms up, traces `repeats` runs, summarizes.
 
-    compile_fn() returns the compiled executable that `run()` executes once (blocking).
+    `runner` is a bench_model runner: `prepare()` compiles into `runner.compiled`, and
+    `run()` executes it once (blocking).
     """
+    run = runner.run
     own_dir = logdir is None
     logdir = logdir or tempfile.mkdtemp(prefix=f"profile_ops_{name}_")
     try:
         start = time.perf_counter()
         with nn.override_named_call(True):
-            compiled = compile_fn()
+            runner.prepare()
+        compiled = runner.compiled
         compile_s = time.perf_counter() - start
         log(f"{name}: compiled in {compile_s:.1f} s")
         index = parse_hlo(compiled.as_text())
@@ -843,12 +845,7 @@ def profile_train(
     model = bench_model.OursModel(cfg)
     tokens = bench_model.random_tokens(batch, seq, cfg.vocab_size, 1)
     runner = bench_model.TrainRunner(model.loss, model.params, tokens)
-
-    def compile_fn() -> Any:
-        runner.prepare()
-        return runner.compiled
-
-    summary = profile_executable("train", compile_fn, runner.run, repeats, warmup, logdir, log=log)
+    summary = profile_executable("train", runner, repeats, warmup, logdir, log=log)
     summary.update(
         batch=batch,
         seq=seq,
@@ -870,14 +867,7 @@ def profile_forward(
     model = bench_model.OursModel(cfg)
     tokens = bench_model.random_tokens(batch, length, cfg.vocab_size, 2)
     runner = bench_model.ForwardRunner(model.forward, model.params, tokens)
-
-    def compile_fn() -> Any:
-        runner.prepare()
-        return runner.compiled
-
-    summary = profile_executable(
-        "long_forward", compile_fn, runner.run, repeats, warmup, logdir, log=log
-    )
+    summary = profile_executable("long_forward", runner, repeats, warmup, logdir, log=log)
     summary.update(batch=batch, length=length)
     return summary
 

@@ -8,11 +8,11 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Self
 
 import jax.numpy as jnp
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 _INIT_MODES = ("he", "bert", "gaussian", "xavier")
 _CEMA_PATHS = ("fft", "scan", "sequential")
 
@@ -21,8 +21,43 @@ class ConfigError(ValueError):
     """Raised for an invalid configuration value."""
 
 
+def check_dtype(name: str, value: Any, float16_reason: str) -> None:
+    """Raises ConfigError unless `value` names a supported dtype (float16 gets `float16_reason`)."""
+    if str(value) in ("float16", "half", "fp16"):
+        raise ConfigError(
+            f"{name}=float16 is not supported: {float16_reason}; use float32 or bfloat16"
+        )
+    if value not in DTYPES:
+        raise ConfigError(f"{name} must be one of {tuple(DTYPES)}, got {value!r}")
+
+
+class MappingConfig:
+    """Construction from a dict or ConfigDict, `replace` and `to_dict` for frozen config
+    dataclasses."""
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> Self:
+        """Builds a config from a mapping (a dict or an ml_collections ConfigDict).
+
+        Unknown keys are rejected with their names listed.
+        """
+        if hasattr(values, "to_dict"):
+            values = values.to_dict()
+        values = dict(values)
+        unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ConfigError(f"unknown {cls.__name__} keys: {unknown}")
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> Self:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
 @dataclasses.dataclass(frozen=True)
-class MegalodonConfig:
+class MegalodonConfig(MappingConfig):
     """Hyper-parameters of the Megalodon causal LM (names follow megalodon-hf).
 
     Attributes beyond the HF fields:
@@ -149,15 +184,12 @@ class MegalodonConfig:
             if value not in allowed:
                 raise ConfigError(f"{name} must be one of {allowed}, got {value!r}")
         for name in ("param_dtype", "compute_dtype"):
-            value = getattr(self, name)
-            if str(value) in ("float16", "half", "fp16"):
-                raise ConfigError(
-                    f"{name}=float16 is not supported: CEMA powers, FFT sums, TimestepNorm "
-                    "moments and unscaled attention logits exceed float16 range/precision; "
-                    "use float32 or bfloat16"
-                )
-            if value not in _DTYPES:
-                raise ConfigError(f"{name} must be one of {tuple(_DTYPES)}, got {value!r}")
+            check_dtype(
+                name,
+                getattr(self, name),
+                "CEMA powers, FFT sums, TimestepNorm moments and unscaled attention logits "
+                "exceed float16 range/precision",
+            )
         if self.share_emb and self.output_width != self.vocab_size:
             raise ConfigError(
                 f"share_emb requires output_size == vocab_size, got {self.output_width} != "
@@ -193,39 +225,17 @@ class MegalodonConfig:
 
     @property
     def params_jnp_dtype(self) -> Any:
-        return _DTYPES[self.param_dtype]
+        return DTYPES[self.param_dtype]
 
     @property
     def compute_jnp_dtype(self) -> Any:
-        return _DTYPES[self.compute_dtype]
+        return DTYPES[self.compute_dtype]
 
     def linear_has_bias(self, name: str) -> bool:
         """Whether the internal linear layer `name` (wz, wv, ..., fc3) carries a bias."""
         if self.bias_topology == "hf":
             return True
         return name in ("wz", "wv", "wr", "wh1")
-
-    # ------------------------------------------------------------------ construction
-    @classmethod
-    def from_mapping(cls, values: Mapping[str, Any]) -> MegalodonConfig:
-        """Builds a config from a mapping (a dict or an ml_collections ConfigDict).
-
-        Unknown keys are rejected with their names listed.
-        """
-        if hasattr(values, "to_dict"):
-            values = values.to_dict()
-        values = dict(values)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"unknown model config keys: {unknown}")
-        return cls(**values)
-
-    def replace(self, **changes: Any) -> MegalodonConfig:
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 def hf_compatible(config: MegalodonConfig) -> MegalodonConfig:

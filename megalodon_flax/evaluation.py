@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from megalodon_flax import input_pipeline
+from megalodon_flax import input_pipeline, models
 from megalodon_flax.losses import LN2, weighted_loss_sum
 from megalodon_flax.model import MegalodonLM, ModelCache, init_cache
 
@@ -100,7 +100,7 @@ def stream_eval(
     Returns:
       EvalResult over every byte of each stream after its first.
     """
-    if not isinstance(model, MegalodonLM):
+    if not models.has_carried_state(model):
         raise TypeError(
             f"stream evaluation needs a model that carries its state ({type(model).__name__} "
             "has a bounded context); use window_eval"

@@ -4,18 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
 from typing import Any
 
-import jax.numpy as jnp
-
-from megalodon_flax.config import ConfigError
-
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+from megalodon_flax.config import DTYPES, ConfigError, MappingConfig, check_dtype
 
 
 @dataclasses.dataclass(frozen=True)
-class LlamaConfig:
+class LlamaConfig(MappingConfig):
     """Hyper-parameters of the Llama baseline (pre-norm RMSNorm, RoPE, SwiGLU, tied head).
 
     The enwik8 defaults (dim 384, 6 layers, 6 heads of 64, FFN hidden 1280) give
@@ -74,14 +69,7 @@ class LlamaConfig:
             if not (math.isfinite(value) and value > 0):
                 raise ConfigError(f"{name} must be positive and finite, got {value}")
         for name in ("param_dtype", "compute_dtype"):
-            value = getattr(self, name)
-            if str(value) in ("float16", "half", "fp16"):
-                raise ConfigError(
-                    f"{name}=float16 is not supported (it shares the Megalodon runs' dtype "
-                    "rules); use float32 or bfloat16"
-                )
-            if value not in _DTYPES:
-                raise ConfigError(f"{name} must be one of {tuple(_DTYPES)}, got {value!r}")
+            check_dtype(name, getattr(self, name), "it follows the Megalodon runs' dtype rules")
 
     @property
     def head_dim(self) -> int:
@@ -94,31 +82,14 @@ class LlamaConfig:
 
     @property
     def params_jnp_dtype(self) -> Any:
-        return _DTYPES[self.param_dtype]
+        return DTYPES[self.param_dtype]
 
     @property
     def compute_jnp_dtype(self) -> Any:
-        return _DTYPES[self.compute_dtype]
+        return DTYPES[self.compute_dtype]
 
     def parameter_count(self) -> int:
         """Closed-form parameter count: embedding, per block 4·D² + 3·D·F + 2·D, final norm."""
         d, f = self.model_dim, self.ffn_hidden_dim
         per_block = 4 * d * d + 3 * d * f + 2 * d
         return self.vocab_size * d + self.num_layers * per_block + d
-
-    @classmethod
-    def from_mapping(cls, values: Mapping[str, Any]) -> LlamaConfig:
-        """Builds a config from a dict or ConfigDict; unknown keys are rejected by name."""
-        if hasattr(values, "to_dict"):
-            values = values.to_dict()
-        values = dict(values)
-        unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise ConfigError(f"unknown llama model config keys: {unknown}")
-        return cls(**values)
-
-    def replace(self, **changes: Any) -> LlamaConfig:
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
