@@ -21,6 +21,8 @@ from megalodon_flax.model.attention import (
     MovingAverageGatedAttention,
     chunked_attention,
     masked_attention,
+    ring_entries,
+    ring_from_entries,
     streaming_attention,
 )
 from megalodon_flax.model.cache import AttentionCache
@@ -82,11 +84,19 @@ def dense_attention_oracle(
 
 
 def ring_oracle(entries: np.ndarray, position: int, chunk: int) -> np.ndarray:
-    """Ring after `position` tokens: slot t mod C holds entry t for the current chunk's t."""
+    """Ring by slot after `position` tokens, (B, C, H, ·): slot j holds the latest entry t < T
+    with t ≡ j (mod C), zeros where no token has reached the slot."""
     ring = np.zeros((entries.shape[0], chunk, *entries.shape[2:]), entries.dtype)
-    for t in range(chunk * (position // chunk), position):
+    for t in range(position):
         ring[:, t % chunk] = entries[:, t]
     return ring
+
+
+def assert_ring(cache: AttentionCache, keys: np.ndarray, values: np.ndarray, position: int):
+    batch = keys.shape[0]
+    got_k, got_v = ring_entries(cache, batch)
+    np.testing.assert_array_equal(np.asarray(got_k), ring_oracle(keys, position, CHUNK))
+    np.testing.assert_array_equal(np.asarray(got_v), ring_oracle(values, position, CHUNK))
 
 
 def _normal(rng: np.random.Generator, shape: tuple[int, ...], scale: float = 1.0) -> np.ndarray:
@@ -424,10 +434,25 @@ _streaming = jax.jit(streaming_attention, static_argnames=("chunk_size",))
 
 
 def _ring_cache(keys: np.ndarray, values: np.ndarray, position: int) -> AttentionCache:
-    return AttentionCache(
-        keys=jnp.asarray(ring_oracle(keys, position, CHUNK)),
-        values=jnp.asarray(ring_oracle(values, position, CHUNK)),
+    return ring_from_entries(
+        jnp.asarray(ring_oracle(keys, position, CHUNK)),
+        jnp.asarray(ring_oracle(values, position, CHUNK)),
     )
+
+
+def test_ring_storage_layout() -> None:
+    """Keys are stored (B·H, Dh, C) and values (B·H, C, Dv), row b·H + h; `ring_entries`
+    and `ring_from_entries` convert to and from the token-major (B, C, H, ·) layout."""
+    rng = np.random.default_rng(3)
+    keys, values = _normal(rng, (2, CHUNK, 3, 4)), _normal(rng, (2, CHUNK, 3, 5))
+    cache = ring_from_entries(jnp.asarray(keys), jnp.asarray(values))
+    assert cache.keys.shape == (6, 4, CHUNK) and cache.values.shape == (6, CHUNK, 5)
+    for b, h, j in [(0, 0, 0), (1, 2, 7), (1, 0, 3), (0, 1, 5)]:
+        np.testing.assert_array_equal(np.asarray(cache.keys)[b * 3 + h, :, j], keys[b, j, h])
+        np.testing.assert_array_equal(np.asarray(cache.values)[b * 3 + h, j], values[b, j, h])
+    back_k, back_v = ring_entries(cache, 2)
+    np.testing.assert_array_equal(np.asarray(back_k), keys)
+    np.testing.assert_array_equal(np.asarray(back_v), values)
 
 
 @pytest.mark.parametrize(
@@ -450,8 +475,7 @@ def test_streaming_attention_matches_dense_oracle(position: int, length: int) ->
     )
     expected = dense_attention_oracle(q, k, v, CHUNK)[:, position:]
     np.testing.assert_allclose(np.asarray(out), expected, atol=1e-6, rtol=0)
-    np.testing.assert_array_equal(np.asarray(new_cache.keys), ring_oracle(k, total, CHUNK))
-    np.testing.assert_array_equal(np.asarray(new_cache.values), ring_oracle(v, total, CHUNK))
+    assert_ring(new_cache, k, v, total)
 
 
 def test_streaming_attention_partition_matches_dense_oracle() -> None:
@@ -460,9 +484,8 @@ def test_streaming_attention_partition_matches_dense_oracle() -> None:
     sizes = [3, 5, 8, 1, 7, 16, 2, 3]
     total = sum(sizes)
     q, k, v = _qkv(21, total)
-    cache = AttentionCache(
-        keys=jnp.zeros((2, CHUNK, 2, 8), jnp.float32),
-        values=jnp.zeros((2, CHUNK, 2, 6), jnp.float32),
+    cache = ring_from_entries(
+        jnp.zeros((2, CHUNK, 2, 8), jnp.float32), jnp.zeros((2, CHUNK, 2, 6), jnp.float32)
     )
     outputs = []
     position = 0
@@ -478,8 +501,7 @@ def test_streaming_attention_partition_matches_dense_oracle() -> None:
         )
         outputs.append(np.asarray(out))
         position += size
-        np.testing.assert_array_equal(np.asarray(cache.keys), ring_oracle(k, position, CHUNK))
-        np.testing.assert_array_equal(np.asarray(cache.values), ring_oracle(v, position, CHUNK))
+        assert_ring(cache, k, v, position)
     np.testing.assert_allclose(
         np.concatenate(outputs, axis=1),
         dense_attention_oracle(q, k, v, CHUNK),
@@ -488,20 +510,21 @@ def test_streaming_attention_partition_matches_dense_oracle() -> None:
     )
 
 
-def test_streaming_ignores_stale_ring_entries() -> None:
-    """Garbage in ring slots outside the current chunk is never attended."""
-    position, length = 11, 4  # current chunk started at 8: slots 0-2 hold times 8-10
+@pytest.mark.parametrize("length", [1, 4])
+def test_streaming_ignores_stale_ring_entries(length: int) -> None:
+    """Garbage in ring slots outside the current chunk is never attended, on the one-token
+    path and the multi-token path."""
+    position = 11  # current chunk started at 8: slots 0-2 hold times 8-10
     q, k, v = _qkv(22, position + length)
-    cache = _ring_cache(k, v, position)
-    keys = np.asarray(cache.keys).copy()
-    values = np.asarray(cache.values).copy()
+    keys = ring_oracle(k, position, CHUNK)
+    values = ring_oracle(v, position, CHUNK)
     keys[:, 3:] = 50.0
     values[:, 3:] = -50.0
     out, _ = _streaming(
         jnp.asarray(q[:, position:]),
         jnp.asarray(k[:, position:]),
         jnp.asarray(v[:, position:]),
-        AttentionCache(keys=jnp.asarray(keys), values=jnp.asarray(values)),
+        ring_from_entries(jnp.asarray(keys), jnp.asarray(values)),
         jnp.asarray(position, jnp.int32),
         chunk_size=CHUNK,
     )

@@ -18,7 +18,7 @@ from megalodon_flax.config import MegalodonConfig
 from megalodon_flax.model import initializers
 from megalodon_flax.model.cache import AttentionCache, LayerCache
 from megalodon_flax.model.cema import CEMA
-from megalodon_flax.model.linear import internal_linear
+from megalodon_flax.model.linear import fused_linears, internal_linear
 from megalodon_flax.model.norms import RMSNorm, rms_normalize
 from megalodon_flax.model.rotary import apply_rope, rope_frequencies
 from megalodon_flax.model.timestep_norm import TimestepNorm
@@ -96,24 +96,60 @@ def chunked_attention(
     return out.reshape((batch, num_chunks * chunk_size, *out.shape[3:]))[:, :length]
 
 
-def _time_ordered_ring(ring: jax.Array, position: jax.Array, chunk_size: int) -> jax.Array:
-    """Ring (B, C, ...) → entries ordered by time T−C … T−1 (T = position)."""
-    return jnp.roll(ring, -(position % chunk_size), axis=1)
+# Rings are stored as (B·H, Dh, C) for keys and (B·H, C, Dv) for values (row b·H + h): the
+# operand layouts of the one-token products, batch axes already merged. With any other
+# layout XLA either copies the rings into that layout on every decode step or, because a
+# reshape then sits between the slot write and the products, writes the slot twice into
+# copies of the ring instead of once in place.
+_KEY_RING = (0, 2, 3, 1)  # token-major (B, C, H, Dh) axes → stored (B, H, Dh, C) order
+_VALUE_RING = (0, 2, 1, 3)  # (B, C, H, Dv) → (B, H, C, Dv)
+
+
+def _to_ring(entries: jax.Array, order: tuple[int, ...]) -> jax.Array:
+    """(B, C, H, ·) time-slot entries → the stored (B·H, ·, ·) ring."""
+    ring = jnp.transpose(entries, order)
+    return ring.reshape((-1, *ring.shape[2:]))
+
+
+def _from_ring(ring: jax.Array, batch: int, order: tuple[int, ...]) -> jax.Array:
+    """The stored ring → (B, C, H, ·) entries by slot."""
+    ring = ring.reshape((batch, -1, *ring.shape[1:]))
+    return jnp.transpose(ring, tuple(order.index(i) for i in range(4)))
+
+
+def ring_entries(cache: AttentionCache, batch_size: int) -> tuple[jax.Array, jax.Array]:
+    """The ring by slot in the token-major layout: keys (B, C, H, Dh), values (B, C, H, Dv)."""
+    return (
+        _from_ring(cache.keys, batch_size, _KEY_RING),
+        _from_ring(cache.values, batch_size, _VALUE_RING),
+    )
+
+
+def ring_from_entries(keys: jax.Array, values: jax.Array) -> AttentionCache:
+    """The inverse of `ring_entries`: keys (B, C, H, Dh), values (B, C, H, Dv) by slot."""
+    return AttentionCache(keys=_to_ring(keys, _KEY_RING), values=_to_ring(values, _VALUE_RING))
+
+
+def _time_ordered_ring(
+    ring: jax.Array, batch: int, order: tuple[int, ...], position: jax.Array, chunk_size: int
+) -> jax.Array:
+    """Stored ring → (B, C, H, ·) entries ordered by time T−C … T−1 (T = position)."""
+    return jnp.roll(_from_ring(ring, batch, order), -(position % chunk_size), axis=1)
 
 
 def _updated_ring(
-    ordered: jax.Array, new: jax.Array, position: jax.Array, chunk_size: int
+    ordered: jax.Array,
+    new: jax.Array,
+    position: jax.Array,
+    chunk_size: int,
+    order: tuple[int, ...],
 ) -> jax.Array:
-    """Ring after appending `new` (B, L, ...) to time-ordered entries; stale chunks zeroed."""
+    """Stored ring after appending `new` (B, L, H, ·) to time-ordered entries (B, C, H, ·):
+    slot j holds the latest of the C most recent times ≡ j (mod C)."""
     length = new.shape[1]
     end = position + length
     last = jnp.concatenate([ordered, new], axis=1)[:, length:]  # times end−C … end−1
-    ring = jnp.roll(last, end % chunk_size, axis=1)
-    slots = jnp.arange(chunk_size)
-    times = end - chunk_size + (slots - end) % chunk_size
-    keep = times >= (end // chunk_size) * chunk_size
-    keep = keep.reshape((1, chunk_size) + (1,) * (ring.ndim - 2))
-    return jnp.where(keep, ring, jnp.zeros_like(ring))
+    return _to_ring(jnp.roll(last, end % chunk_size, axis=1), order)
 
 
 def _decode_attention(
@@ -127,23 +163,28 @@ def _decode_attention(
 ) -> tuple[jax.Array, AttentionCache]:
     """`streaming_attention` for one new token (L = 1) without reordering the ring.
 
-    Slot s of the ring holds time s of the current chunk and slots from T mod C on are zero,
-    so the token is written in place and attends to slots 0 … T mod C. A token that completes
-    its chunk leaves an empty ring, as `_updated_ring` does.
+    The token is written in place at slot s = T mod C and attends to slots 0 … s, which hold
+    times T − s … T of its chunk; the slots after s hold finished chunks and are masked.
     """
     slot = position % chunk_size
-
-    def write(ring: jax.Array, new: jax.Array) -> jax.Array:
-        return jax.lax.dynamic_update_slice_in_dim(ring, new.astype(ring.dtype), slot, axis=1)
-
-    keys, values = write(cache.keys, k), write(cache.values, v)
-    allowed = (jnp.arange(chunk_size) <= slot)[None, :]  # (Lq = 1, C)
-    out = masked_attention(q, keys.astype(k.dtype), values.astype(v.dtype), allowed, compute_dtype)
-    chunk_done = slot == chunk_size - 1
-    return out, AttentionCache(
-        keys=jnp.where(chunk_done, jnp.zeros_like(keys), keys),
-        values=jnp.where(chunk_done, jnp.zeros_like(values), values),
+    batch, _, heads, dh = q.shape
+    rows = batch * heads
+    keys = jax.lax.dynamic_update_slice_in_dim(
+        cache.keys, k.reshape(rows, dh, 1).astype(cache.keys.dtype), slot, axis=2
     )
+    values = jax.lax.dynamic_update_slice_in_dim(
+        cache.values, v.reshape(rows, 1, -1).astype(cache.values.dtype), slot, axis=1
+    )
+    scores = jnp.einsum(
+        "nd,ndk->nk", q.reshape(rows, dh), keys.astype(q.dtype), preferred_element_type=jnp.float32
+    )
+    scores = jnp.where(jnp.arange(chunk_size) <= slot, scores, _MASKED_SCORE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(compute_dtype)
+    out = jnp.einsum(
+        "nk,nkd->nd", probs, values.astype(compute_dtype), preferred_element_type=jnp.float32
+    )
+    out = out.reshape(batch, 1, heads, -1).astype(compute_dtype)
+    return out, AttentionCache(keys=keys, values=values)
 
 
 def streaming_attention(
@@ -159,7 +200,7 @@ def streaming_attention(
 
     Args:
       q, k: (B, L, H, Dh) rotated; v: (B, L, H, Dv).
-      cache: ring of the current chunk's keys/values before the call.
+      cache: the ring of the last C keys/values before the call (see AttentionCache).
       position: T, tokens consumed before the call (int32 scalar).
       chunk_size: C (= ring capacity).
 
@@ -170,8 +211,9 @@ def streaming_attention(
     length = q.shape[1]
     if length == 1:
         return _decode_attention(q, k, v, cache, position, c, compute_dtype)
-    ring_k = _time_ordered_ring(cache.keys, position, c).astype(k.dtype)
-    ring_v = _time_ordered_ring(cache.values, position, c).astype(v.dtype)
+    batch = q.shape[0]
+    ring_k = _time_ordered_ring(cache.keys, batch, _KEY_RING, position, c).astype(k.dtype)
+    ring_v = _time_ordered_ring(cache.values, batch, _VALUE_RING, position, c).astype(v.dtype)
     all_k = jnp.concatenate([ring_k, k], axis=1)
     all_v = jnp.concatenate([ring_v, v], axis=1)
     if length <= c:
@@ -210,8 +252,8 @@ def streaming_attention(
         )
         out = jax.lax.dynamic_slice_in_dim(out, offset, length, axis=1)
     new_cache = AttentionCache(
-        keys=_updated_ring(ring_k, k, position, c).astype(cache.keys.dtype),
-        values=_updated_ring(ring_v, v, position, c).astype(cache.values.dtype),
+        keys=_updated_ring(ring_k, k, position, c, _KEY_RING).astype(cache.keys.dtype),
+        values=_updated_ring(ring_v, v, position, c, _VALUE_RING).astype(cache.values.dtype),
     )
     return out, new_cache
 
@@ -271,7 +313,15 @@ class MovingAverageGatedAttention(nn.Module):
         mx = dropout(mx, cfg.hidden_dropout)
         mx = nn.with_logical_constraint(mx, ("batch", "length", "act_embed"))
 
-        z = internal_linear(cfg, "wz", cfg.z_dim, ("embed", "qk"), dim)(mx)
+        wz = internal_linear(cfg, "wz", cfg.z_dim, ("embed", "qk"), dim)
+        wv = internal_linear(cfg, "wv", cfg.value_dim, ("embed", "value"), dim)
+        wr = internal_linear(cfg, "wr", cfg.value_dim, ("embed", "value"), dim)
+        wh1 = internal_linear(cfg, "wh1", dim, ("embed", "embed_out"), dim)
+        if length == 1:  # decoding: one matrix-vector product per input (see fused_linears)
+            z, r, h1 = fused_linears([wz, wr, wh1], mx)
+            (v,) = fused_linears([wv], x_tn)
+        else:
+            z, v, r, h1 = wz(mx), wv(x_tn), wr(mx), wh1(mx)
         z_hat = rms_normalize(z.reshape(batch, length, heads, dh), cfg.norm_eps)
         qk_gamma = self.param(
             "gamma", nn.with_logical_partitioning(initializers.zeros, (None, "qk")), (2, cfg.z_dim)
@@ -283,9 +333,8 @@ class MovingAverageGatedAttention(nn.Module):
         q = z_hat * scale[0] + qk_beta[0]
         k = z_hat * scale[1] + qk_beta[1]
 
-        v = jax.nn.silu(internal_linear(cfg, "wv", cfg.value_dim, ("embed", "value"), dim)(x_tn))
-        r = jax.nn.silu(internal_linear(cfg, "wr", cfg.value_dim, ("embed", "value"), dim)(mx))
-        v = v.reshape(batch, length, heads, dv)
+        v = jax.nn.silu(v).reshape(batch, length, heads, dv)
+        r = jax.nn.silu(r)
 
         start = jnp.zeros((), jnp.int32) if cache is None else cache.position
         positions = (start + jnp.arange(length, dtype=jnp.int32)) % cfg.chunk_size
@@ -301,14 +350,14 @@ class MovingAverageGatedAttention(nn.Module):
             new_cache = None
             if return_cache:
                 start = jnp.zeros((), jnp.int32)
-                empty_k = jnp.zeros((batch, cfg.chunk_size, heads, dh), cd)
+                empty_k = jnp.zeros((batch, cfg.chunk_size, heads, dh), cd)  # time-ordered
                 empty_v = jnp.zeros((batch, cfg.chunk_size, heads, dv), cd)
                 new_cache = LayerCache(
                     norm=norm_state,
                     cema=cema_state,
                     attn=AttentionCache(
-                        keys=_updated_ring(empty_k, k, start, cfg.chunk_size),
-                        values=_updated_ring(empty_v, v, start, cfg.chunk_size),
+                        keys=_updated_ring(empty_k, k, start, cfg.chunk_size, _KEY_RING),
+                        values=_updated_ring(empty_v, v, start, cfg.chunk_size, _VALUE_RING),
                     ),
                     position=start + length,
                 )
@@ -325,7 +374,7 @@ class MovingAverageGatedAttention(nn.Module):
 
         g = o.reshape(batch, length, cfg.value_dim) * r
         g = dropout(g, cfg.hidden_dropout)
-        h = internal_linear(cfg, "wh1", dim, ("embed", "embed_out"), dim)(mx).astype(jnp.float32)
+        h = h1.astype(jnp.float32)
         h = h + internal_linear(cfg, "wh2", dim, ("value", "embed_out"), cfg.value_dim)(g)
         h = dropout(h.astype(cd), cfg.dropout)
         return x + h, new_cache

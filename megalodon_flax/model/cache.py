@@ -14,10 +14,13 @@ from megalodon_flax.model.timestep_norm import NormState
 
 @struct.dataclass
 class AttentionCache:
-    """Ring buffer of rotated keys and values of the current chunk.
+    """Ring buffer of the last C rotated keys and values.
 
-    Slot j holds the token whose absolute time τ satisfies τ ≡ j (mod C); slots outside the
-    current chunk are zero. keys: (B, C, H, Dh), values: (B, C, H, Dv), compute dtype.
+    Token t is written to slot t mod C, so slot j holds the latest time τ_j ≡ j (mod C)
+    (zeros until a token reaches it). Only slots of the current chunk (τ_j ≥ C·⌊T/C⌋) are
+    attended; the others hold finished chunks and are masked, never cleared. Stored in the
+    layouts the one-token products read directly, row b·H + h for batch row b and head h:
+    keys (B·H, Dh, C) (slots last), values (B·H, C, Dv), compute dtype.
     """
 
     keys: jax.Array
@@ -58,8 +61,8 @@ def init_cache(config: MegalodonConfig, batch_size: int, dtype: Any = None) -> M
             norm=NormState.fresh(batch_size, config.norm_num_groups),
             cema=jnp.zeros((batch_size, config.model_dim, config.cema_ndim), jnp.complex64),
             attn=AttentionCache(
-                keys=jnp.zeros((batch_size, c, h, config.head_dim), dtype),
-                values=jnp.zeros((batch_size, c, h, config.value_head_dim), dtype),
+                keys=jnp.zeros((batch_size * h, config.head_dim, c), dtype),
+                values=jnp.zeros((batch_size * h, c, config.value_head_dim), dtype),
             ),
             position=jnp.zeros((), jnp.int32),
         )

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 
 from megalodon_flax.config import MegalodonConfig
 from megalodon_flax.model import initializers
-from megalodon_flax.model.linear import internal_linear
+from megalodon_flax.model.linear import fused_linears, internal_linear
 from megalodon_flax.model.norms import LayerNorm
 
 
@@ -30,9 +30,16 @@ class NormalizedFFN(nn.Module):
         cd = cfg.compute_jnp_dtype
         dim, hidden = y.shape[-1], cfg.ffn_hidden_dim
         u = LayerNorm(cfg.norm_eps, cfg.norm_affine, name="norm")(y).astype(cd)
-        a = jax.nn.silu(internal_linear(cfg, "fc1", hidden, ("embed", "mlp"), dim)(u))
+        fc1 = internal_linear(cfg, "fc1", hidden, ("embed", "mlp"), dim)
         if cfg.swiglu:
-            a = a * internal_linear(cfg, "fc3", hidden, ("embed", "mlp"), dim)(u)
+            fc3 = internal_linear(cfg, "fc3", hidden, ("embed", "mlp"), dim)
+            if u.shape[1] == 1:  # decoding one token (see fused_linears)
+                a1, a3 = fused_linears([fc1, fc3], u)
+            else:
+                a1, a3 = fc1(u), fc3(u)
+            a = jax.nn.silu(a1) * a3
+        else:
+            a = jax.nn.silu(fc1(u))
         a = nn.with_logical_constraint(a, ("batch", "length", "act_mlp"))
         if cfg.hidden_dropout > 0.0:
             a = nn.Dropout(cfg.hidden_dropout)(a, deterministic=deterministic)

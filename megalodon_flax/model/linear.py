@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -37,19 +38,15 @@ class Linear(nn.Module):
     output_dtype: Any = None
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """x (..., in) → (..., features) in output_dtype or compute_dtype."""
+    def weights(self, in_features: int) -> tuple[jax.Array, jax.Array | None]:
+        """The stored kernel (in_features, features) and bias (features,) or None."""
         kernel = self.param(
             "kernel",
             nn.with_logical_partitioning(self.kernel_init, self.axes),
-            (x.shape[-1], self.features),
+            (in_features, self.features),
             self.param_dtype,
         )
-        y = jnp.dot(
-            x.astype(self.compute_dtype),
-            kernel.astype(self.compute_dtype),
-            preferred_element_type=jnp.float32,
-        )
+        bias = None
         if self.use_bias:
             bias = self.param(
                 "bias",
@@ -57,8 +54,42 @@ class Linear(nn.Module):
                 (self.features,),
                 self.param_dtype,
             )
+        return kernel, bias
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x (..., in) → (..., features) in output_dtype or compute_dtype."""
+        kernel, bias = self.weights(x.shape[-1])
+        y = jnp.dot(
+            x.astype(self.compute_dtype),
+            kernel.astype(self.compute_dtype),
+            preferred_element_type=jnp.float32,
+        )
+        if bias is not None:
             y = y + bias.astype(jnp.float32)
         return y.astype(self.compute_dtype if self.output_dtype is None else self.output_dtype)
+
+
+def fused_linears(layers: Sequence[Linear], x: jax.Array) -> list[jax.Array]:
+    """`[layer(x) for layer in layers]` as one matmul over the concatenated kernels.
+
+    Used when decoding one token: a (B, 1, in) input makes every matmul a matrix-vector
+    product bound by reading the kernel, and XLA's CPU runtime splits one large product
+    across threads where it runs several small ones on one thread each. Inside a decode loop
+    the concatenation does not depend on the carried state, so XLA hoists it out of the loop.
+    All layers must share the compute dtype; each output keeps its layer's dtype.
+    """
+    weights = [layer.weights(x.shape[-1]) for layer in layers]
+    cd = layers[0].compute_dtype
+    kernel = jnp.concatenate([k.astype(cd) for k, _ in weights], axis=1)
+    y = jnp.dot(x.astype(cd), kernel, preferred_element_type=jnp.float32)
+    outs, start = [], 0
+    for layer, (_, bias) in zip(layers, weights, strict=True):
+        part = y[..., start : start + layer.features]
+        start += layer.features
+        if bias is not None:
+            part = part + bias.astype(jnp.float32)
+        outs.append(part.astype(cd if layer.output_dtype is None else layer.output_dtype))
+    return outs
 
 
 def internal_linear(
