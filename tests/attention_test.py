@@ -429,6 +429,73 @@ def test_fully_masked_query_rows_return_zeros() -> None:
     np.testing.assert_array_equal(np.asarray(empty), 0.0)
 
 
+def _attention_loss_grads(weights: np.ndarray, key_valid: np.ndarray, **kwargs):
+    """d Σ(out · weights) / d(q, k, v) of `chunked_attention`."""
+
+    def loss(q, k, v):
+        out = chunked_attention(q, k, v, CHUNK, jnp.asarray(key_valid), **kwargs)
+        return jnp.sum(out.astype(jnp.float32) * weights)
+
+    return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+
+
+def _finite_difference_grads(q, k, v, weights, key_valid, eps: float = 1e-6):
+    """Central differences of the float64 dense oracle, one coordinate at a time."""
+    args = [a.astype(np.float64) for a in (q, k, v)]
+
+    def loss(a):
+        return float(np.sum(dense_attention_oracle(*a, CHUNK, key_valid) * weights))
+
+    grads = []
+    for i, a in enumerate(args):
+        g = np.zeros_like(a)
+        for idx in np.ndindex(a.shape):
+            hi = [x.copy() for x in args]
+            lo = [x.copy() for x in args]
+            hi[i][idx] += eps
+            lo[i][idx] -= eps
+            g[idx] = (loss(hi) - loss(lo)) / (2 * eps)
+        grads.append(g)
+    return grads
+
+
+def test_attention_gradients_match_finite_differences() -> None:
+    """The hand-written backward pass (probabilities as the only saved activation) against
+    float64 central differences, with padded keys and fully masked query rows."""
+    length = CHUNK + 3
+    q, k, v = _qkv(30, length, batch=1)
+    key_valid = np.ones((1, length), bool)
+    key_valid[0, :2] = False  # queries 0-1 see nothing
+    key_valid[0, CHUNK + 1] = False
+    weights = np.random.default_rng(31).standard_normal((1, length, 2, 6))
+    grads = _attention_loss_grads(weights.astype(np.float32), key_valid)(
+        jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
+    )
+    expected = _finite_difference_grads(q, k, v, weights, key_valid)
+    for got, want in zip(grads, expected, strict=True):
+        assert np.all(np.isfinite(np.asarray(got)))
+        np.testing.assert_allclose(np.asarray(got), want, atol=2e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("compute_dtype", [jnp.float32, jnp.bfloat16])
+def test_attention_gradients_match_autodiff(compute_dtype) -> None:
+    """The custom backward pass equals differentiation of the same forward (the path taken
+    with dropout on the probabilities; an identity 'dropout' selects it)."""
+    length = 2 * CHUNK + 3
+    q, k, v = _qkv(32, length)
+    key_valid = np.ones((2, length), bool)
+    key_valid[1, CHUNK : 2 * CHUNK] = False
+    weights = np.random.default_rng(33).standard_normal((2, length, 2, 6)).astype(np.float32)
+    args = (jnp.asarray(q), jnp.asarray(k), jnp.asarray(v))
+    custom = _attention_loss_grads(weights, key_valid, compute_dtype=compute_dtype)(*args)
+    autodiff = _attention_loss_grads(
+        weights, key_valid, compute_dtype=compute_dtype, prob_dropout=lambda p: p
+    )(*args)
+    tol = 1e-6 if compute_dtype == jnp.float32 else 2e-2
+    for got, want in zip(custom, autodiff, strict=True):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=tol, rtol=tol)
+
+
 # ----------------------------------------------------------------------------- streaming
 _streaming = jax.jit(streaming_attention, static_argnames=("chunk_size",))
 
