@@ -13,7 +13,7 @@ Sections (each recorded in the JSON output, failures recorded and skipped):
             over the calls); ratios large / small.
   peer:     when `megalodon_jax` is importable, its `generate` and prefill are timed in the same
             run, alternately with ours repeat by repeat; ours/theirs ratios and the issue targets
-            (≥ 2× their new tokens/s, ≤ 0.4× their prefill time) are reported.
+            (≥ 2× their new tokens/s at batch 1, ≤ 0.4× their prefill time) are reported.
 
 Run from the repository root:
   python -m benchmarks.bench_generate                   # full run
@@ -50,6 +50,9 @@ DEFAULT_OUT = os.path.join(HERE, "results", "bench_generate.json")
 PEER = "megalodon_jax"
 OURS = "ours"
 TARGET_TOKENS_PER_S_RATIO = 2.0  # ours / theirs, at least
+# The new-tokens/s target is for one prompt (384 + 256 tokens), like the prefill target;
+# larger batches are measured and reported next to it.
+TARGET_BATCH = 1
 TARGET_PREFILL_RATIO = 0.4  # ours / theirs, at most
 CONSTANT_MEMORY_TOLERANCE = 0.05
 
@@ -481,7 +484,7 @@ def ratios_and_targets(results: dict[str, Any]) -> tuple[dict[str, Any], dict[st
                 round(do["decode_tokens_per_s"] / their_rate, 3) if their_rate else None
             )
         rows.append(row)
-        if new_tokens == results["settings"]["new_tokens"] and new_tokens > 1:
+        if batch == TARGET_BATCH and new_tokens == results["settings"]["new_tokens"] > 1:
             target_rows.append(
                 {
                     "batch": batch,
