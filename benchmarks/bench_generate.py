@@ -43,12 +43,11 @@ import numpy as np
 
 import megalodon_flax as mf
 from benchmarks import common
+from benchmarks.common import OURS, PEER, fmt, int_list, peer_available, random_tokens, table
 from megalodon_flax.inference import generate, lower_generate
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_OUT = os.path.join(HERE, "results", "bench_generate.json")
-PEER = "megalodon_jax"
-OURS = "ours"
 TARGET_TOKENS_PER_S_RATIO = 2.0  # ours / theirs, at least
 # The new-tokens/s target is for one prompt (384 + 256 tokens), like the prefill target;
 # larger batches are measured and reported next to it.
@@ -58,10 +57,6 @@ CONSTANT_MEMORY_TOLERANCE = 0.05
 
 
 # ---------------------------------------------------------------------------- inputs
-def random_tokens(batch: int, length: int, vocab: int, seed: int) -> jax.Array:
-    return jax.random.randint(jax.random.PRNGKey(seed), (batch, length), 0, vocab, jnp.int32)
-
-
 def tree_bytes(tree: Any) -> int:
     """Total bytes of the array (or ShapeDtypeStruct) leaves of `tree`."""
     return int(
@@ -131,15 +126,6 @@ class PeerGen:
             self.model, prompt, max_new_tokens=new_tokens, temperature=0.0, key=key
         )
         return ids[:, prompt.shape[1] :]
-
-
-def peer_available() -> tuple[bool, str | None]:
-    try:
-        import equinox  # noqa: F401
-        import megalodon_jax  # noqa: F401
-    except Exception as exc:
-        return False, f"{type(exc).__name__}: {exc}"
-    return True, None
 
 
 # ---------------------------------------------------------------------------- cases
@@ -510,14 +496,6 @@ def ratios_and_targets(results: dict[str, Any]) -> tuple[dict[str, Any], dict[st
 
 
 # ---------------------------------------------------------------------------- printing
-def fmt(value: Any, spec: str = ".1f") -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float | int) and not isinstance(value, bool):
-        return format(value, spec)
-    return str(value)
-
-
 def short_line(rec: dict[str, Any]) -> str:
     if rec.get("error"):
         return f"{rec['model']}: FAILED {rec['error'][:160]}"
@@ -536,15 +514,6 @@ def memory_line(rec: dict[str, Any]) -> str:
         f"temp {rec['bytes']['temp'] / common.MIB:.2f} MiB state {rec['state_bytes']} B "
         f"rss growth {fmt(rec.get('rss_growth_mib'), '.2f')} MiB"
     )
-
-
-def table(title: str, headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    lines = [title, "  ".join(h.rjust(w) for h, w in zip(cells[0], widths, strict=True))]
-    lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in cells[1:]]
-    return "\n".join(lines)
 
 
 def render(results: dict[str, Any]) -> str:
@@ -707,10 +676,6 @@ def render(results: dict[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------------------- CLI
-def int_list(text: str) -> list[int]:
-    return [int(v) for v in text.split(",") if v.strip()]
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument(

@@ -35,12 +35,20 @@ import optax
 
 import megalodon_flax as mf
 from benchmarks import common
+from benchmarks.common import (
+    OURS,
+    PEER,
+    fmt,
+    int_list,
+    peer_available,
+    random_tokens,
+    str_list,
+    table,
+)
 from megalodon_flax.model.cema import cema, cema_coefficients
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_OUT = os.path.join(HERE, "results", "bench_model.json")
-PEER = "megalodon_jax"
-OURS = "ours"
 CEMA_PATHS = ("fft", "scan", "sequential")
 
 warnings.filterwarnings("ignore", message=".*donated buffers were not usable.*")
@@ -56,10 +64,6 @@ def next_token_loss(logits: jax.Array, tokens: jax.Array) -> jax.Array:
 
 def make_optimizer() -> optax.GradientTransformation:
     return optax.adamw(learning_rate=1e-3, b1=0.9, b2=0.98, weight_decay=0.1)
-
-
-def random_tokens(batch: int, length: int, vocab: int, seed: int = 0) -> jax.Array:
-    return jax.random.randint(jax.random.PRNGKey(seed), (batch, length), 0, vocab, jnp.int32)
 
 
 def compile_jitted(fn: Any, *args: Any) -> tuple[Any, dict[str, Any]]:
@@ -205,15 +209,6 @@ class PeerModel:
 
     def num_params(self) -> int:
         return int(sum(x.size for x in jax.tree.leaves(self.params)))
-
-
-def peer_available() -> tuple[bool, str | None]:
-    try:
-        import equinox  # noqa: F401
-        import megalodon_jax  # noqa: F401
-    except Exception as exc:
-        return False, f"{type(exc).__name__}: {exc}"
-    return True, None
 
 
 # ---------------------------------------------------------------------------- sections
@@ -390,23 +385,6 @@ def short_line(rec: dict[str, Any]) -> str:
     )
 
 
-def fmt(value: Any, spec: str = ".1f") -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float | int) and not isinstance(value, bool):
-        return format(value, spec)
-    return str(value)
-
-
-def table(title: str, headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    lines = [title, "  ".join(h.rjust(w) for h, w in zip(cells[0], widths, strict=True))]
-    lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in cells[1:]]
-    return "\n".join(lines)
-
-
 def render(results: dict[str, Any]) -> str:
     out = []
     if results.get("train"):
@@ -549,14 +527,6 @@ def render(results: dict[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------------------- CLI
-def int_list(text: str) -> list[int]:
-    return [int(v) for v in text.split(",") if v.strip()]
-
-
-def str_list(text: str) -> list[str]:
-    return [v.strip() for v in text.split(",") if v.strip()]
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument(

@@ -256,3 +256,52 @@ def peer_config(cfg: Any) -> Any:
         param_dtype=dtypes[cfg.param_dtype],
         compute_dtype=dtypes[cfg.compute_dtype],
     )
+
+
+# ---------------------------------------------------------------------------- shared by the CLIs
+OURS = "ours"
+PEER = "megalodon_jax"
+
+
+def random_tokens(batch: int, length: int, vocab: int, seed: int = 0) -> jax.Array:
+    """Uniform random token ids (batch, length) int32."""
+    return jax.random.randint(jax.random.PRNGKey(seed), (batch, length), 0, vocab, jnp.int32)
+
+
+def peer_available() -> tuple[bool, str | None]:
+    """Whether megalodon-jax (and equinox) import, and the error if not."""
+    try:
+        import equinox  # noqa: F401
+        import megalodon_jax  # noqa: F401
+    except Exception as exc:
+        return False, f"{type(exc).__name__}: {exc}"
+    return True, None
+
+
+def fmt(value: Any, spec: str = ".1f") -> str:
+    """A table cell: numbers with `spec`, None as '-'."""
+    if value is None:
+        return "-"
+    if isinstance(value, float | int) and not isinstance(value, bool):
+        return format(value, spec)
+    return str(value)
+
+
+def table(title: str, headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A right-aligned plain-text table under `title`."""
+    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = [title, "  ".join(h.rjust(w) for h, w in zip(cells[0], widths, strict=True))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in cells[1:]]
+    return "\n".join(lines)
+
+
+def int_list(text: str) -> list[int]:
+    """'1,4' → [1, 4] (argparse type)."""
+    return [int(v) for v in text.split(",") if v.strip()]
+
+
+def str_list(text: str) -> list[str]:
+    """'a,b' → ['a', 'b'] (argparse type)."""
+    return [v.strip() for v in text.split(",") if v.strip()]

@@ -89,6 +89,7 @@ import jax.numpy as jnp
 
 import megalodon_flax as mf
 from benchmarks import bench_model, common
+from benchmarks.common import str_list
 from megalodon_flax.model.cema import fft_length
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -843,7 +844,7 @@ def profile_train(
 ) -> dict[str, Any]:
     """Forward + backward + AdamW step (bench_model's TrainRunner: jit, donated state)."""
     model = bench_model.OursModel(cfg)
-    tokens = bench_model.random_tokens(batch, seq, cfg.vocab_size, 1)
+    tokens = common.random_tokens(batch, seq, cfg.vocab_size, 1)
     runner = bench_model.TrainRunner(model.loss, model.params, tokens)
     summary = profile_executable("train", runner, repeats, warmup, logdir, log=log)
     summary.update(
@@ -865,7 +866,7 @@ def profile_forward(
 ) -> dict[str, Any]:
     """Inference forward `model.apply({"params": params}, tokens)` → logits (cache None)."""
     model = bench_model.OursModel(cfg)
-    tokens = bench_model.random_tokens(batch, length, cfg.vocab_size, 2)
+    tokens = common.random_tokens(batch, length, cfg.vocab_size, 2)
     runner = bench_model.ForwardRunner(model.forward, model.params, tokens)
     summary = profile_executable("long_forward", runner, repeats, warmup, logdir, log=log)
     summary.update(batch=batch, length=length)
@@ -932,10 +933,6 @@ def markdown(title: str, summary: dict[str, Any], top: int = 15) -> str:
 
 
 # ---------------------------------------------------------------------------- CLI
-def str_list(text: str) -> list[str]:
-    return [v.strip() for v in text.split(",") if v.strip()]
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--workloads", type=str_list, default=list(WORKLOADS))
