@@ -359,11 +359,8 @@ class MovingAverageGatedAttention(nn.Module):
         wv = internal_linear(cfg, "wv", cfg.value_dim, ("embed", "value"), dim)
         wr = internal_linear(cfg, "wr", cfg.value_dim, ("embed", "value"), dim)
         wh1 = internal_linear(cfg, "wh1", dim, ("embed", "embed_out"), dim)
-        if length == 1:  # decoding: one matrix-vector product per input (see fused_linears)
-            z, r, h1 = fused_linears([wz, wr, wh1], mx)
-            (v,) = fused_linears([wv], x_tn)
-        else:
-            z, v, r, h1 = wz(mx), wv(x_tn), wr(mx), wh1(mx)
+        z, r, h1 = fused_linears([wz, wr, wh1], mx)
+        v = wv(x_tn)
         z_hat = rms_normalize(z.reshape(batch, length, heads, dh), cfg.norm_eps)
         qk_gamma = self.param(
             "gamma", nn.with_logical_partitioning(initializers.zeros, (None, "qk")), (2, cfg.z_dim)

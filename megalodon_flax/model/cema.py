@@ -132,17 +132,25 @@ def _expand_lags(w_re: jax.Array, w_im: jax.Array, factors: _PowerFactors, count
     return out.reshape((*out.shape[:-2], -1))[..., :count]
 
 
-def cema_kernel(coeffs: CemaCoefficients, length: int, block: int = 4096) -> jax.Array:
-    """Impulse response K[d, j] = Re Σ_n p γ q^j for j < length; (D, length) float32."""
-    c_re = coeffs.p * coeffs.gamma_re
-    c_im = coeffs.p * coeffs.gamma_im
+def _lagged_real_parts(
+    coeffs: CemaCoefficients, c_re: jax.Array, c_im: jax.Array, first: int, length: int, block: int
+) -> jax.Array:
+    """Re Σ_n c q^(first + j) for j < length; c (..., D, N) as Re/Im → (..., D, length)."""
+    c_re, c_im = c_re[..., None], c_im[..., None]
     parts = []
     for lo, hi in _lag_blocks(length, block):
-        f = _power_factors(coeffs, lo, hi - lo)
-        w_re = c_re[..., None] * f.outer_re - c_im[..., None] * f.outer_im
-        w_im = c_re[..., None] * f.outer_im + c_im[..., None] * f.outer_re
+        f = _power_factors(coeffs, first + lo, hi - lo)
+        w_re = c_re * f.outer_re - c_im * f.outer_im
+        w_im = c_re * f.outer_im + c_im * f.outer_re
         parts.append(_expand_lags(w_re, w_im, f, hi - lo))
     return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1)
+
+
+def cema_kernel(coeffs: CemaCoefficients, length: int, block: int = 4096) -> jax.Array:
+    """Impulse response K[d, j] = Re Σ_n p γ q^j for j < length; (D, length) float32."""
+    return _lagged_real_parts(
+        coeffs, coeffs.p * coeffs.gamma_re, coeffs.p * coeffs.gamma_im, 0, length, block
+    )
 
 
 def fft_length(length: int) -> int:
@@ -164,14 +172,7 @@ def initial_state_bias(
 ) -> jax.Array:
     """bias[b, d, t] = Re Σ_n γ h_init q^(t+1); h_init (B,D,N) complex → (B, D, length)."""
     gh = coeffs.gamma * h_init
-    gh_re, gh_im = jnp.real(gh)[..., None], jnp.imag(gh)[..., None]  # (B, D, N, 1)
-    parts = []
-    for lo, hi in _lag_blocks(length, block):
-        f = _power_factors(coeffs, lo + 1, hi - lo)
-        w_re = gh_re * f.outer_re - gh_im * f.outer_im
-        w_im = gh_re * f.outer_im + gh_im * f.outer_re
-        parts.append(_expand_lags(w_re, w_im, f, hi - lo))
-    return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1)
+    return _lagged_real_parts(coeffs, jnp.real(gh), jnp.imag(gh), 1, length, block)
 
 
 def closed_form_state(

@@ -33,10 +33,7 @@ class NormalizedFFN(nn.Module):
         fc1 = internal_linear(cfg, "fc1", hidden, ("embed", "mlp"), dim)
         if cfg.swiglu:
             fc3 = internal_linear(cfg, "fc3", hidden, ("embed", "mlp"), dim)
-            if u.shape[1] == 1:  # decoding one token (see fused_linears)
-                a1, a3 = fused_linears([fc1, fc3], u)
-            else:
-                a1, a3 = fc1(u), fc3(u)
+            a1, a3 = fused_linears([fc1, fc3], u)
             a = jax.nn.silu(a1) * a3
         else:
             a = jax.nn.silu(fc1(u))

@@ -58,33 +58,36 @@ class Linear(nn.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x (..., in) → (..., features) in output_dtype or compute_dtype."""
-        kernel, bias = self.weights(x.shape[-1])
-        y = jnp.dot(
-            x.astype(self.compute_dtype),
-            kernel.astype(self.compute_dtype),
-            preferred_element_type=jnp.float32,
-        )
-        if bias is not None:
-            y = y + bias.astype(jnp.float32)
-        return y.astype(self.compute_dtype if self.output_dtype is None else self.output_dtype)
+        return _apply([self], [self.weights(x.shape[-1])], x)[0]
 
 
 def fused_linears(layers: Sequence[Linear], x: jax.Array) -> list[jax.Array]:
-    """`[layer(x) for layer in layers]` as one matmul over the concatenated kernels.
+    """`[layer(x) for layer in layers]`, as one matmul over the concatenated kernels when x
+    holds one token (x (B, 1, in)).
 
-    Used when decoding one token: a (B, 1, in) input makes every matmul a matrix-vector
-    product bound by reading the kernel, and XLA's CPU runtime splits one large product
-    across threads where it runs several small ones on one thread each. Inside a decode loop
-    the concatenation does not depend on the carried state, so XLA hoists it out of the loop.
-    All layers must share the compute dtype; each output keeps its layer's dtype.
+    Decoding one token makes every matmul a matrix-vector product bound by reading the
+    kernel, and XLA's CPU runtime splits one large product across threads where it runs
+    several small ones on one thread each; inside a decode loop the concatenation does not
+    depend on the carried state, so XLA hoists it out of the loop. Longer inputs keep one
+    matmul per layer, whose sharding follows that layer's logical axes. All layers must share
+    the compute dtype; each output keeps its layer's dtype.
     """
-    weights = [layer.weights(x.shape[-1]) for layer in layers]
+    if x.shape[-2] != 1:
+        return [layer(x) for layer in layers]
+    return _apply(layers, [layer.weights(x.shape[-1]) for layer in layers], x)
+
+
+def _apply(
+    layers: Sequence[Linear], weights: Sequence[tuple[jax.Array, jax.Array | None]], x: jax.Array
+) -> list[jax.Array]:
+    """x · [kernel₀ | kernel₁ | …] in float32, then each layer's bias and output dtype."""
     cd = layers[0].compute_dtype
-    kernel = jnp.concatenate([k.astype(cd) for k, _ in weights], axis=1)
+    kernels = [k.astype(cd) for k, _ in weights]
+    kernel = kernels[0] if len(kernels) == 1 else jnp.concatenate(kernels, axis=1)
     y = jnp.dot(x.astype(cd), kernel, preferred_element_type=jnp.float32)
     outs, start = [], 0
     for layer, (_, bias) in zip(layers, weights, strict=True):
-        part = y[..., start : start + layer.features]
+        part = y if len(layers) == 1 else y[..., start : start + layer.features]
         start += layer.features
         if bias is not None:
             part = part + bias.astype(jnp.float32)
