@@ -6,7 +6,6 @@ import datetime
 import json
 import os
 import platform
-import resource
 import statistics
 import sys
 import time
@@ -18,6 +17,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+
+from megalodon_flax import memory
 
 MIB = 1024.0 * 1024.0
 
@@ -45,9 +46,7 @@ def summarize_ms(times_ms: Sequence[float]) -> dict[str, Any]:
     }
 
 
-def max_rss_mib() -> float:
-    """High-water mark of this process's resident set size, in MiB (Linux: ru_maxrss is KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+max_rss_mib = memory.max_rss_mib
 
 
 def available_memory_bytes() -> int | None:
@@ -83,13 +82,8 @@ def compiled_memory(compiled: Any) -> dict[str, Any]:
 
 def device_peak_mib() -> float | None:
     """`peak_bytes_in_use` of the first device (GPU/TPU; None on CPU, which reports no stats)."""
-    try:
-        stats = jax.devices()[0].memory_stats()
-    except Exception:
-        return None
-    if not stats or "peak_bytes_in_use" not in stats:
-        return None
-    return round(stats["peak_bytes_in_use"] / MIB, 2)
+    peak = memory.device_peak_mib(jax.devices()[:1])
+    return None if peak is None else round(peak, 2)
 
 
 def on_cpu() -> bool:

@@ -57,7 +57,8 @@ the FFTs use more than one core.
 
 Run from the repository root:
   python -m benchmarks.profile_ops [--workloads=train,long_forward] [--long_len=32768]
-      [--repeats=3] [--long_repeats=2] [--out=benchmarks/results/profile_ops.json]
+      [--repeats=3] [--long_repeats=2] [--top=15] [--logdir=DIR]
+      [--out=benchmarks/results/profile_ops.json]
 """
 
 from __future__ import annotations
@@ -221,11 +222,9 @@ RULES: tuple[Rule, ...] = (
 
 
 def categorize(op: OpInfo) -> str:
-    """The category of the first rule of RULES that matches op."""
-    for rule in RULES:
-        if rule.matches(op):
-            return rule.category
-    return ELEMENTWISE
+    """The category of the first rule of RULES that matches op (the last rule matches
+    every op)."""
+    return next(rule.category for rule in RULES if rule.matches(op))
 
 
 # ---------------------------------------------------------------------------- HLO text
@@ -244,9 +243,14 @@ _WRAPPED = re.compile(r"^(?:jvp|transpose|vmap|remat|checkpoint)\((.*)\)$")
 
 @dataclass
 class Instruction:
+    """One HLO instruction of the compiled text.
+
+    op_name / frame_id: its metadata ("" / 0 when it has none); calls: the computations it
+    calls (fusion bodies ...); operands: names of its operand instructions.
+    """
+
     name: str
     opcode: str
-    computation: str
     op_name: str = ""
     frame_id: int = 0
     calls: tuple[str, ...] = ()
@@ -259,7 +263,6 @@ class OpInfo:
     """What the categorizer knows about one executed HLO instruction (thunk)."""
 
     name: str
-    opcode: str
     kind: str
     op_name: str
     functions: frozenset[str]
@@ -363,7 +366,9 @@ class HloIndex:
         """The categorizer's view of the instruction `name` (<none> when nothing is known)."""
         instr = self.instructions.get(name)
         if instr is None:
-            return OpInfo(name, "?", "?", "<none>", frozenset(), frozenset())
+            return OpInfo(
+                name=name, kind="?", op_name="<none>", functions=frozenset(), scopes=frozenset()
+            )
         source = self.primary(instr)
         lender = ""
         if not source.op_name:
@@ -374,7 +379,6 @@ class HloIndex:
         stack = self.stack(source.frame_id)
         return OpInfo(
             name=name,
-            opcode=instr.opcode,
             kind=self.kind(instr),
             op_name=op_name,
             functions=frozenset(fn for fn, _, _ in stack),
@@ -477,7 +481,6 @@ def parse_hlo(text: str) -> HloIndex:
         instr = Instruction(
             name=name,
             opcode=opcode,
-            computation=computation,
             op_name=op_name.group(1).replace("\\'", "'") if op_name else "",
             frame_id=int(frame.group(1)) if frame else 0,
             calls=tuple(c for c in called if c),
@@ -599,10 +602,9 @@ def _pct(part: float, whole: float) -> float:
     return round(100.0 * part / whole, 2) if whole else 0.0
 
 
-def summarize(
-    events: Sequence[OpEvent], index: HloIndex, top: int = 15
-) -> tuple[dict[str, Any], list[OpInfo]]:
-    """Per-category and per-op times (ms per execution) and the thunk concurrency.
+def summarize(events: Sequence[OpEvent], index: HloIndex, top: int = 15) -> dict[str, Any]:
+    """Per-category and per-op times (ms per execution), the `top` ops by shared time and
+    the thunk concurrency.
 
     Two times per op: `thunk_ms` (its exclusive thunk durations; concurrent thunks each count
     in full) and `ms` (concurrency-shared, see set_shared_times; adds up to the busy wall).
@@ -684,7 +686,7 @@ def summarize(
             k: _rounded(v, n_runs) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])
         },
     }
-    return summary, [infos[n] for n in ranked]
+    return summary
 
 
 def thread_cpu_seconds() -> dict[int, float]:
@@ -731,49 +733,53 @@ def profile_executable(
 ) -> dict[str, Any]:
     """Compiles (with Flax module scopes on), warms up, traces `repeats` runs, summarizes.
 
-    `runner` is a bench_model runner: `prepare()` compiles into `runner.compiled`, and
-    `run()` executes it once (blocking).
+    `runner` is a bench_model runner: `prepare()` compiles into `runner.compiled` and returns
+    its compile facts (`lower_plus_compile_s`, `memory`, see bench_model.compile_jitted), and
+    `run()` executes it once (blocking). The trace goes to `<logdir>/<name>` (kept), or to a
+    temporary folder that is removed when logdir is None. The summary keeps the `top` ops.
     """
     run = runner.run
     own_dir = logdir is None
-    logdir = logdir or tempfile.mkdtemp(prefix=f"profile_ops_{name}_")
+    if logdir is None:
+        trace_dir = tempfile.mkdtemp(prefix=f"profile_ops_{name}_")
+    else:
+        trace_dir = os.path.join(logdir, name)
     try:
-        start = time.perf_counter()
         with nn.override_named_call(True):
-            runner.prepare()
-        compiled = runner.compiled
-        compile_s = time.perf_counter() - start
+            info = runner.prepare()
+        compile_s = info["lower_plus_compile_s"]
         log(f"{name}: compiled in {compile_s:.1f} s")
-        index = parse_hlo(compiled.as_text())
+        index = parse_hlo(runner.compiled.as_text())
         first_ms = common.timed_call(run)
         for _ in range(warmup):
             run()
         log(f"{name}: first call {first_ms / 1e3:.1f} s; tracing {repeats} executions ...")
-        wall, cpu = [], []
-        with jax.profiler.trace(logdir, create_perfetto_trace=True):
+        wall_ms, cpu_s = [], []
+        with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
             threads_before = thread_cpu_seconds()
             for _ in range(repeats):
                 c0, w0 = time.process_time(), time.perf_counter()
                 run()
-                cpu.append(time.process_time() - c0)
-                wall.append(time.perf_counter() - w0)
+                cpu_s.append(time.process_time() - c0)
+                wall_ms.append((time.perf_counter() - w0) * 1e3)
             threads = thread_cpu_split(threads_before, thread_cpu_seconds())
-        events, path = load_op_events(logdir, index.module)
-        summary, _ = summarize(events, index, top)
+        events, path = load_op_events(trace_dir, index.module)
+        summary = summarize(events, index, top)
+        wall = common.summarize_ms(wall_ms)
         summary.update(
             compile_s=round(compile_s, 2),
             first_call_ms=round(first_ms, 1),
-            call_wall_ms=[round(w * 1e3, 1) for w in wall],
-            call_wall_ms_median=round(sorted(wall)[len(wall) // 2] * 1e3, 1),
-            process_cpu_cores=round(sum(cpu) / sum(wall), 3),
+            call_wall_ms=[round(w, 1) for w in wall["times_ms"]],
+            call_wall_ms_median=round(wall["median_ms"], 1),
+            process_cpu_cores=round(sum(cpu_s) / (sum(wall_ms) / 1e3), 3),
             thread_cpu=threads,
             trace_file=os.path.basename(path),
-            memory=common.compiled_memory(compiled),
+            memory=info["memory"],
         )
         return summary
     finally:
         if own_dir:
-            shutil.rmtree(logdir, ignore_errors=True)
+            shutil.rmtree(trace_dir, ignore_errors=True)
 
 
 def thread_probe(
@@ -833,43 +839,48 @@ def threading_probes(batch: int, dim: int, length: int) -> list[dict[str, Any]]:
     ]
 
 
-def profile_train(
+# Summary key of the sequence length, per workload.
+LENGTH_KEYS = {"train": "seq", "long_forward": "length"}
+TITLES = {"train": "train step (fwd+bwd+AdamW)", "long_forward": "long forward"}
+
+
+def profile_model(
     cfg: mf.MegalodonConfig,
+    kind: str,
     batch: int,
-    seq: int,
-    repeats: int,
-    warmup: int = 1,
-    logdir: str | None = None,
-    log: Callable[[str], None] = print,
-) -> dict[str, Any]:
-    """Forward + backward + AdamW step (bench_model's TrainRunner: jit, donated state)."""
-    model = bench_model.OursModel(cfg)
-    tokens = common.random_tokens(batch, seq, cfg.vocab_size, 1)
-    runner = bench_model.TrainRunner(model.loss, model.params, tokens)
-    summary = profile_executable("train", runner, repeats, warmup, logdir, log=log)
-    summary.update(
-        batch=batch,
-        seq=seq,
-        tokens_per_s=round(batch * seq / (summary["call_wall_ms_median"] / 1e3), 1),
-    )
-    return summary
-
-
-def profile_forward(
-    cfg: mf.MegalodonConfig,
     length: int,
     repeats: int,
     warmup: int = 0,
-    batch: int = 1,
     logdir: str | None = None,
+    top: int = 15,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Inference forward `model.apply({"params": params}, tokens)` → logits (cache None)."""
+    """Profiles one workload of the model on random tokens of shape (batch, length).
+
+    kind: "train" = forward + backward + AdamW step (bench_model's TrainRunner: jit, donated
+    state); "long_forward" = inference forward `model.apply({"params": params}, tokens)` →
+    logits (bench_model's ForwardRunner, cache None). `warmup` untimed runs follow the first
+    call, then `repeats` runs are traced (see profile_executable for logdir and top).
+    The summary records `batch`, the length under LENGTH_KEYS[kind] (`seq` / `length`) and
+    `tokens_per_s` = batch · length / median wall time per call.
+    """
+    if kind not in LENGTH_KEYS:
+        raise ValueError(f"unknown workload {kind!r} (choose from {', '.join(WORKLOADS)})")
     model = bench_model.OursModel(cfg)
-    tokens = common.random_tokens(batch, length, cfg.vocab_size, 2)
-    runner = bench_model.ForwardRunner(model.forward, model.params, tokens)
-    summary = profile_executable("long_forward", runner, repeats, warmup, logdir, log=log)
-    summary.update(batch=batch, length=length)
+    if kind == "train":
+        tokens = common.random_tokens(batch, length, cfg.vocab_size, 1)
+        runner: Any = bench_model.TrainRunner(model.loss, model.params, tokens)
+    else:
+        tokens = common.random_tokens(batch, length, cfg.vocab_size, 2)
+        runner = bench_model.ForwardRunner(model.forward, model.params, tokens)
+    summary = profile_executable(kind, runner, repeats, warmup, logdir, top, log)
+    summary.update(
+        {
+            "batch": batch,
+            LENGTH_KEYS[kind]: length,
+            "tokens_per_s": round(batch * length / (summary["call_wall_ms_median"] / 1e3), 1),
+        }
+    )
     return summary
 
 
@@ -944,7 +955,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train_seq", type=int, default=512)
     p.add_argument("--top", type=int, default=15)
     p.add_argument("--skip_probes", action="store_true", help="no FFT/matmul threading probes")
-    p.add_argument("--logdir", default=None, help="keep the traces here (default: temp, removed)")
+    p.add_argument(
+        "--logdir",
+        default=None,
+        help="keep the traces here, in one subfolder per workload (default: temp, removed)",
+    )
     p.add_argument("--out", default=DEFAULT_OUT, help=f"JSON output (default {DEFAULT_OUT})")
     args = p.parse_args(argv)
     unknown = set(args.workloads) - set(WORKLOADS)
@@ -1001,22 +1016,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         common.write_json(args.out, results)
 
     log(f"backend={jax.default_backend()} workloads={args.workloads} out={args.out}")
-    jobs: dict[str, tuple[Callable[[], dict[str, Any]], tuple[int, int]]] = {
-        "train": (
-            lambda: profile_train(
-                cfg, args.train_batch, args.train_seq, args.repeats, args.warmup, log=log
-            ),
-            (args.train_batch, args.train_seq),
-        ),
-        "long_forward": (
-            lambda: profile_forward(cfg, args.long_len, args.long_repeats, log=log),
-            (1, args.long_len),
-        ),
+    # (batch, length, repeats, warmup) of each workload.
+    settings = {
+        "train": (args.train_batch, args.train_seq, args.repeats, args.warmup),
+        "long_forward": (1, args.long_len, args.long_repeats, 0),
     }
     for name in args.workloads:
-        job, (batch, length) = jobs[name]
+        batch, length, repeats, warmup = settings[name]
         try:
-            summary = job()
+            summary = profile_model(
+                cfg, name, batch, length, repeats, warmup, args.logdir, args.top, log
+            )
         except Exception as exc:
             summary = common.error_record(exc)
             log(f"{name}: FAILED {summary['error'][:300]}")
@@ -1030,13 +1040,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         log(f"{name}: done")
     results["machine"]["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     save()
-    titles = {
-        "train": f"train step (fwd+bwd+AdamW), batch {args.train_batch} × {args.train_seq}, fp32",
-        "long_forward": f"long forward, batch 1 × {args.long_len}, fp32",
-    }
     print()
     for name, summary in results["workloads"].items():
-        print(markdown(titles[name], summary, args.top))
+        batch, length = settings[name][:2]
+        print(markdown(f"{TITLES[name]}, batch {batch} × {length}, fp32", summary, args.top))
         print()
     print(f"wrote {os.path.abspath(args.out)} ({results['elapsed_s']} s)")
     return results

@@ -157,10 +157,6 @@ class RunSummary:
         step = max(texts)
         return step, texts[step]
 
-    def config_value(self, key: str) -> Any:
-        """A top-level config field, None when absent."""
-        return self.config.get(key)
-
 
 # ---------------------------------------------------------------------------- reading events
 def _records(path: Path) -> Iterator[bytes]:
@@ -343,14 +339,14 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]], right_from: int
 
 def _tokens_per_step(run: RunSummary) -> int | None:
     try:
-        sizes = [int(run.config_value(k)) for k in ("batch_size", "grad_accum_steps", "seq_len")]
+        sizes = [int(run.config.get(k)) for k in ("batch_size", "grad_accum_steps", "seq_len")]
     except (TypeError, ValueError):
         return None
     return math.prod(sizes)
 
 
 def _config_cell(run: RunSummary, key: str) -> str:
-    value = run.config_value(key)
+    value = run.config.get(key)
     if value is None:
         return NA
     return f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else str(value)
@@ -507,6 +503,22 @@ def _panel(ax: Any, curves: Sequence[tuple[str, str, str, dict[int, float]]], yl
         ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
 
 
+def _curves(
+    runs: Sequence[RunSummary], tag: str, stream_tag: str | None = None
+) -> list[tuple[str, str, str, dict[int, float]]]:
+    """`_panel` curves: `tag` of each run, solid, then `stream_tag` of each run, dashed.
+
+    Run `i` has the color `C{i % 10}` in both.
+    """
+    curves = [(r.name, f"C{i % 10}", "-", r.series(tag)) for i, r in enumerate(runs)]
+    if stream_tag is not None:
+        curves += [
+            (f"{r.name} (stream)", f"C{i % 10}", "--", r.series(stream_tag))
+            for i, r in enumerate(runs)
+        ]
+    return curves
+
+
 def write_plots(runs: Sequence[RunSummary], plots_dir: str | os.PathLike) -> dict[str, Path]:
     """Writes `loss_curves.png` and `bits_per_byte.png`; returns `{file name: path}`."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -514,23 +526,13 @@ def write_plots(runs: Sequence[RunSummary], plots_dir: str | os.PathLike) -> dic
 
     out_dir = Path(plots_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    colors = {id(run): f"C{i % 10}" for i, run in enumerate(runs)}
 
     fig = Figure(figsize=(11, 4.2), layout="constrained")
     FigureCanvasAgg(fig)
     train_ax, val_ax = fig.subplots(1, 2)
-    _panel(
-        train_ax,
-        [(r.name, colors[id(r)], "-", r.series("train_loss")) for r in runs],
-        "train loss (nats/byte)",
-    )
+    _panel(train_ax, _curves(runs, "train_loss"), "train loss (nats/byte)")
     train_ax.set_title("train loss")
-    _panel(
-        val_ax,
-        [(r.name, colors[id(r)], "-", r.series("eval_loss")) for r in runs]
-        + [(f"{r.name} (stream)", colors[id(r)], "--", r.series("eval_stream_loss")) for r in runs],
-        "val loss (nats/byte)",
-    )
+    _panel(val_ax, _curves(runs, "eval_loss", "eval_stream_loss"), "val loss (nats/byte)")
     val_ax.set_title("validation loss")
     paths = {LOSS_PLOT: out_dir / LOSS_PLOT}
     fig.savefig(paths[LOSS_PLOT], dpi=110)
@@ -538,15 +540,7 @@ def write_plots(runs: Sequence[RunSummary], plots_dir: str | os.PathLike) -> dic
     fig = Figure(figsize=(6.5, 4.2), layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.subplots()
-    _panel(
-        ax,
-        [(r.name, colors[id(r)], "-", r.series("eval_bits_per_byte")) for r in runs]
-        + [
-            (f"{r.name} (stream)", colors[id(r)], "--", r.series("eval_stream_bits_per_byte"))
-            for r in runs
-        ],
-        "bits per byte",
-    )
+    _panel(ax, _curves(runs, "eval_bits_per_byte", "eval_stream_bits_per_byte"), "bits per byte")
     ax.set_title("validation bits per byte")
     paths[BPB_PLOT] = out_dir / BPB_PLOT
     fig.savefig(paths[BPB_PLOT], dpi=110)

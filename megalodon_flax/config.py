@@ -33,7 +33,13 @@ def check_dtype(name: str, value: Any, float16_reason: str) -> None:
 
 class MappingConfig:
     """Construction from a dict or ConfigDict, `replace` and `to_dict` for frozen config
-    dataclasses."""
+    dataclasses, and the dtype fields' validation and JAX dtypes.
+
+    Subclasses declare the fields `param_dtype` and `compute_dtype` (keys of `DTYPES`).
+    """
+
+    param_dtype: str
+    compute_dtype: str
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> Self:
@@ -54,6 +60,21 @@ class MappingConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @property
+    def params_jnp_dtype(self) -> Any:
+        """The JAX dtype of `param_dtype` (parameter storage)."""
+        return DTYPES[self.param_dtype]
+
+    @property
+    def compute_jnp_dtype(self) -> Any:
+        """The JAX dtype of `compute_dtype` (matmul inputs and activations)."""
+        return DTYPES[self.compute_dtype]
+
+    def _check_dtypes(self, float16_reason: str) -> None:
+        """Raises ConfigError unless `param_dtype` and `compute_dtype` are supported."""
+        for name in ("param_dtype", "compute_dtype"):
+            check_dtype(name, getattr(self, name), float16_reason)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,13 +204,10 @@ class MegalodonConfig(MappingConfig):
             value = getattr(self, name)
             if value not in allowed:
                 raise ConfigError(f"{name} must be one of {allowed}, got {value!r}")
-        for name in ("param_dtype", "compute_dtype"):
-            check_dtype(
-                name,
-                getattr(self, name),
-                "CEMA powers, FFT sums, TimestepNorm moments and unscaled attention logits "
-                "exceed float16 range/precision",
-            )
+        self._check_dtypes(
+            "CEMA powers, FFT sums, TimestepNorm moments and unscaled attention logits "
+            "exceed float16 range/precision"
+        )
         if self.share_emb and self.output_width != self.vocab_size:
             raise ConfigError(
                 f"share_emb requires output_size == vocab_size, got {self.output_width} != "
@@ -222,14 +240,6 @@ class MegalodonConfig(MappingConfig):
     @property
     def effective_rope_base(self) -> float:
         return 10000.0 if self.rope_base is None else float(self.rope_base)
-
-    @property
-    def params_jnp_dtype(self) -> Any:
-        return DTYPES[self.param_dtype]
-
-    @property
-    def compute_jnp_dtype(self) -> Any:
-        return DTYPES[self.compute_dtype]
 
     def linear_has_bias(self, name: str) -> bool:
         """Whether the internal linear layer `name` (wz, wv, ..., fc3) carries a bias."""

@@ -2,8 +2,10 @@
 
 `generate` prefills the prompt in one cached call (the chunked FFT path with state for long
 prompts), then decodes one token per step with the cache inside a single compiled program
-(`lax.scan` over the new tokens). The decode state is the fixed-size `ModelCache`, so memory
-does not grow with the number of generated tokens.
+(`lax.scan` over the new tokens). For `MegalodonLM` the decode state is the fixed-size
+`ModelCache`, so memory does not grow with the number of generated tokens; the `LlamaLM`
+baseline decodes with a `LlamaCache` KV buffer sized for the prompt and all new tokens
+(P + T positions per layer).
 
 Sampling (`sample_logits`, `filter_logits`) works on float32 logits (B, V):
 
@@ -28,9 +30,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from megalodon_flax.llama.model import LlamaLM, init_llama_cache
+from megalodon_flax.llama.model import LlamaCache
 from megalodon_flax.model.cache import ModelCache
-from megalodon_flax.model.megalodon import MegalodonLM
+from megalodon_flax.models import LanguageModel, decode_cache
 
 __all__ = ["filter_logits", "generate", "lower_generate", "sample_logits"]
 
@@ -192,7 +194,7 @@ def sample_logits(
 # ---------------------------------------------------------------------------- generation
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5, 6))
 def _generate_core(
-    model: MegalodonLM | LlamaLM,
+    model: LanguageModel,
     max_new_tokens: int,
     greedy: bool,
     top_k: int,
@@ -204,7 +206,7 @@ def _generate_core(
     rng: jax.Array,
     scalars: tuple[jax.Array, jax.Array, jax.Array],
     stop_token: jax.Array,
-) -> tuple[jax.Array, ModelCache]:
+) -> tuple[jax.Array, ModelCache | LlamaCache]:
     """Prefill + `lax.scan` decode; returns tokens (B, T) int32 and the final cache."""
     temperature, top_p, min_p = scalars
     batch = prompt.shape[0]
@@ -220,9 +222,7 @@ def _generate_core(
         return token, finished | (token == stop_token)
 
     keys = jax.random.split(rng, max_new_tokens)
-    cache = None
-    if isinstance(model, LlamaLM):  # a KV buffer sized for the whole continuation
-        cache = init_llama_cache(model.config, batch, prompt.shape[1] + max_new_tokens)
+    cache = decode_cache(model, batch, prompt.shape[1] + max_new_tokens)
     logits, cache = model.apply(variables, prompt, cache=cache, return_cache=True)
     first, finished = freeze(sample(logits[:, -1], keys[0]), jnp.zeros((batch,), bool))
 
@@ -295,7 +295,7 @@ def _check_key(rng: Any) -> jax.Array:
 
 
 def _core_arguments(
-    model: MegalodonLM | LlamaLM,
+    model: LanguageModel,
     params: Any,
     prompt_tokens: Any,
     max_new_tokens: Any,
@@ -307,7 +307,7 @@ def _core_arguments(
     stop_token: Any,
 ) -> tuple[Any, ...]:
     """Validates the arguments of `generate` and maps them to those of `_generate_core`."""
-    if not isinstance(model, MegalodonLM | LlamaLM):
+    if not isinstance(model, LanguageModel):
         raise TypeError(f"model must be a MegalodonLM or LlamaLM, got {type(model).__name__}")
     cfg = model.config
     vocab = cfg.output_width
@@ -343,7 +343,7 @@ def _core_arguments(
 
 
 def generate(
-    model: MegalodonLM | LlamaLM,
+    model: LanguageModel,
     params: Any,
     prompt_tokens: jax.Array,
     max_new_tokens: int,
@@ -354,7 +354,7 @@ def generate(
     min_p: float = 0.0,
     stop_token: int | None = None,
     return_cache: bool = False,
-) -> jax.Array | tuple[jax.Array, ModelCache]:
+) -> jax.Array | tuple[jax.Array, ModelCache | LlamaCache]:
     """Continues each prompt row by `max_new_tokens` tokens.
 
     One compiled program per (batch, prompt length, max_new_tokens, sampling switches): the
@@ -374,7 +374,8 @@ def generate(
         tokens except the last (feed `tokens[:, -1:]` to continue the streams).
 
     Returns:
-      (B, T) int32 new tokens, plus the `ModelCache` when `return_cache`.
+      (B, T) int32 new tokens, plus the final cache when `return_cache`: the model's
+      `ModelCache` (`MegalodonLM`) or `LlamaCache` of capacity P + T (`LlamaLM`).
     """
     tokens, cache = _generate_core(
         *_core_arguments(
@@ -394,7 +395,7 @@ def generate(
 
 
 def lower_generate(
-    model: MegalodonLM | LlamaLM,
+    model: LanguageModel,
     params: Any,
     prompt_tokens: jax.Array,
     max_new_tokens: int,
@@ -409,7 +410,8 @@ def lower_generate(
 
     `.compile()` gives the executable (compile time, `memory_analysis()`, `cost_analysis()`);
     it is the same program `generate` dispatches to for the same shapes and switches. The
-    compiled program maps the core's inputs to (tokens (B, T) int32, final `ModelCache`).
+    compiled program maps the core's inputs to (tokens (B, T) int32, final cache: `ModelCache`
+    or `LlamaCache`).
     """
     return _generate_core.lower(
         *_core_arguments(

@@ -43,6 +43,7 @@ from megalodon_flax import (
 )
 from megalodon_flax import metrics as metrics_lib
 from megalodon_flax.config import ConfigError
+from megalodon_flax.memory import peak_memory_mib
 from megalodon_flax.model import count_params
 
 Batch = Mapping[str, Any]
@@ -106,7 +107,7 @@ _FIELDS: dict[str, tuple[str, Callable[[Any], bool] | None, str]] = {
 }
 
 # Fields that configs written before they existed may lack.
-_DEFAULTS: dict[str, Any] = {"model_family": "megalodon"}
+_DEFAULTS: dict[str, Any] = {"model_family": models.DEFAULT_FAMILY}
 
 
 def _type_ok(kind: str, value: Any) -> bool:
@@ -168,8 +169,9 @@ def validate_config(config: ml_collections.ConfigDict) -> models.ModelConfig:
         sharding.validate_rules(config.logical_axis_rules)
     except sharding.MeshError as err:
         raise ConfigError(f"config.logical_axis_rules: {err}") from err
+    family = models.family_of(config)
     try:
-        model_config = models.model_config_from(config)
+        model_config = models.model_config_from(config, family)
     except (ConfigError, TypeError) as err:
         raise ConfigError(f"config.model: {err}") from err
     if model_config.vocab_size < 256 or model_config.output_width < 256:
@@ -177,11 +179,11 @@ def validate_config(config: ml_collections.ConfigDict) -> models.ModelConfig:
             f"config.model.vocab_size and the output width must be >= 256 for byte-level "
             f"data, got {model_config.vocab_size} and {model_config.output_width}"
         )
-    family = models.family_of(config)
-    if config.eval_mode != "window" and family != "megalodon":
+    if config.eval_mode != "window" and family not in models.CARRIED_STATE_FAMILIES:
         raise ConfigError(
-            f"config.eval_mode={config.eval_mode!r} needs a model with carried state; the "
-            f"{family} baseline supports only 'window'"
+            f"config.eval_mode={config.eval_mode!r} needs a model with carried state (model "
+            f"families {sorted(models.CARRIED_STATE_FAMILIES)}); the {family!r} family "
+            "supports only 'window'"
         )
     return model_config
 
@@ -659,21 +661,6 @@ def generate_sample(setup: TrainingSetup, params: Any, step: int) -> str:
 
 
 # ----------------------------------------------------------------------------- main loop
-def peak_memory_mib() -> float:
-    """Peak memory so far in MiB: the largest `peak_bytes_in_use` over the local devices
-    when the backend reports it (GPU, TPU), else this process's peak resident set size."""
-    peaks = []
-    for device in jax.local_devices():
-        stats = device.memory_stats() or {}
-        if "peak_bytes_in_use" in stats:
-            peaks.append(stats["peak_bytes_in_use"])
-    if peaks:
-        return max(peaks) / 2**20
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
 def _flat_hparams(config: ml_collections.ConfigDict) -> dict[str, Any]:
     out = {}
 
@@ -690,7 +677,8 @@ def _flat_hparams(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return out
 
 
-def _log_parameter_overview(setup: TrainingSetup, params: Any) -> None:
+def _log_parameter_overview(setup: TrainingSetup, params: Any) -> int:
+    """Logs the parameter tree and totals; returns the number of parameters."""
     from clu import parameter_overview
 
     n = count_params(params)
@@ -705,6 +693,7 @@ def _log_parameter_overview(setup: TrainingSetup, params: Any) -> None:
         dict(setup.mesh.shape),
         setup.model_config.compute_dtype,
     )
+    return n
 
 
 def _run_metadata(setup: TrainingSetup) -> dict[str, Any]:
@@ -782,8 +771,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | epath.P
     writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief)
     if initial_step == 0:
         writer.write_hparams(_flat_hparams(config))
-    _log_parameter_overview(setup, state.params)
-    writer.write_scalars(initial_step, {"num_params": count_params(state.params)})
+    num_params = _log_parameter_overview(setup, state.params)
+    writer.write_scalars(initial_step, {"num_params": num_params})
 
     hooks = []
     report_progress = periodic_actions.ReportProgress(

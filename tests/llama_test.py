@@ -1,8 +1,8 @@
 """Tests of the Llama baseline (megalodon_flax.llama) and its use by the shared training loop.
 
 Oracles: a float64 NumPy forward written from the architecture's definition, the closed-form
-parameter count of the reference comparison, perturbation of future tokens (causality), the
-uncached forward for cached decoding, and the tiny-run loop of the training system.
+parameter count, perturbation of future tokens (causality), the uncached forward for cached
+decoding, and the tiny-run loop of the training system.
 """
 
 from __future__ import annotations
@@ -20,8 +20,6 @@ from megalodon_flax import inference, models, sharding, train
 from megalodon_flax.config import ConfigError
 from megalodon_flax.llama import LlamaConfig, LlamaLM, init_llama_cache
 from megalodon_flax.model import count_params
-
-REFERENCE_PARAMETERS = 12_489_792  # the reference comparison's Llama
 
 
 def tiny_config(**overrides) -> LlamaConfig:
@@ -44,13 +42,12 @@ def tiny():
     return model, jax.tree.unflatten(treedef, leaves)
 
 
-def test_enwik8_baseline_size_matches_the_reference_comparison() -> None:
+def test_enwik8_baseline_size_matches_the_closed_form() -> None:
     config = LlamaConfig()
     model = LlamaLM(config)
     shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))
     built = count_params(shapes["params"])
     assert built == config.parameter_count() == 12_489_600
-    assert abs(built - REFERENCE_PARAMETERS) / REFERENCE_PARAMETERS < 0.005
     assert (config.model_dim, config.num_layers, config.num_heads, config.head_dim) == (
         384,
         6,

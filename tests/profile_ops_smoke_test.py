@@ -68,21 +68,54 @@ def _check_summary(summary: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return cats
 
 
-def test_profile_train_and_forward_tiny() -> None:
+def test_profile_train_and_forward_tiny(tmp_path: Path) -> None:
     cfg = mf.MegalodonConfig(**TINY)
     named_call_before = nn.module._use_named_call
-    train = po.profile_train(cfg, batch=2, seq=64, repeats=2, warmup=0, log=_quiet)
+    # Scopes off around the profile: it must force them on while lowering (the category
+    # checks and the module paths below need them) and restore the setting afterwards.
+    with nn.override_named_call(False):
+        train = po.profile_model(
+            cfg, "train", batch=2, length=64, repeats=2, warmup=0, logdir=str(tmp_path), top=20
+        )
+        assert nn.module._use_named_call is False
+        fwd = po.profile_model(
+            cfg, "long_forward", batch=1, length=64, repeats=2, logdir=str(tmp_path), log=_quiet
+        )
+        assert nn.module._use_named_call is False
+    assert nn.module._use_named_call == named_call_before
+
     cats = _check_summary(train)
     assert cats[po.OPTIMIZER]["ops"] > 0 and cats[po.LOSS_EMBEDDING]["ops"] > 0
     assert train["batch"] == 2 and train["seq"] == 64 and train["tokens_per_s"] > 0
+    # `top` above the former cap of 15 is honoured.
+    assert train["distinct_ops"] > 20 and len(train["top_ops"]) == 20
 
-    fwd = po.profile_forward(cfg, length=64, repeats=2, log=_quiet)
     cats = _check_summary(fwd)
     assert cats[po.OPTIMIZER]["ops"] == 0  # no optimizer in a forward
+    assert fwd["batch"] == 1 and fwd["length"] == 64 and fwd["tokens_per_s"] > 0
+    assert len(fwd["top_ops"]) == min(15, fwd["distinct_ops"])
     text = po.markdown("tiny forward", fwd)
     assert "| CEMA kernel construction |" in text and "| matmuls |" in text
-    # Flax's named-call switch is back to what it was.
-    assert nn.module._use_named_call == named_call_before
+
+    for summary, kind in ((train, "train"), (fwd, "long_forward")):
+        # Model ops carry Flax module paths: scopes were on during lowering.
+        assert any(po.MODEL_SCOPE in po.scope_segments(r["op_name"]) for r in summary["top_ops"])
+        # Compile facts come from runner.prepare().
+        assert summary["compile_s"] > 0
+        assert summary["memory"].get("peak_estimate_mib", 0) > 0, summary["memory"]
+        # A true median: with 2 repeats the mean of the two, not the larger one.
+        assert len(summary["call_wall_ms"]) == 2
+        assert summary["call_wall_ms_median"] == pytest.approx(
+            sum(summary["call_wall_ms"]) / 2, abs=0.11
+        )
+        # Traces kept under logdir, one subfolder per workload.
+        kept = po.trace_files(str(tmp_path / kind))
+        assert kept and summary["trace_file"] == Path(kept[0]).name
+
+
+def test_profile_model_rejects_unknown_workload() -> None:
+    with pytest.raises(ValueError, match="unknown workload"):
+        po.profile_model(mf.MegalodonConfig(**TINY), "backward", 1, 64, repeats=1)
 
 
 HLO = """HloModule jit_f, is_scheduled=true

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 import zipfile
 from pathlib import Path
 
@@ -15,8 +16,7 @@ import numpy as np
 import optax
 import pytest
 
-from megalodon_flax import input_pipeline, losses, train
-from megalodon_flax.model import count_params
+from megalodon_flax import input_pipeline, losses, models, train
 
 
 def _np_log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -302,7 +302,9 @@ def test_train_and_evaluate_end_to_end_and_resume(tmp_path: Path, caplog) -> Non
     jax.config.update("jax_log_compiles", True)
     try:
         with caplog.at_level(logging.WARNING):
+            start = time.perf_counter()
             state = train.train_and_evaluate(config, str(workdir))
+            wall_time = time.perf_counter() - start
     finally:
         jax.config.update("jax_log_compiles", False)
     assert int(state.step) == 12
@@ -320,15 +322,22 @@ def test_train_and_evaluate_end_to_end_and_resume(tmp_path: Path, caplog) -> Non
         assert all(np.isfinite(v) for v in values.values()), tag
     for tag in tu.EVAL_SCALARS:
         assert sorted(tu.read_scalars(workdir, tag)) == [6, 12], tag
-    tokens_per_step = config.batch_size * config.seq_len
-    speed, step_time = (
-        tu.read_scalars(workdir, "tokens_per_sec"),
-        tu.read_scalars(workdir, "seconds_per_step"),
-    )
+    # Each logging window holds log_every_steps train steps, ending at the logged step; the
+    # windows time train steps only, so together they fit in the measured wall time.
+    step_time = tu.read_scalars(workdir, "seconds_per_step")
+    windows = dict(zip(sorted(step_time), np.diff([0, *sorted(step_time)]), strict=True))
+    assert set(windows.values()) == {config.log_every_steps}
+    assert all(t > 0 for t in step_time.values()), step_time
+    train_time = sum(step_time[step] * windows[step] for step in step_time)
+    assert train_time <= wall_time, (train_time, wall_time)
+    # tokens_per_sec counts every row of every micro-batch.
+    tokens_per_step = config.batch_size * config.grad_accum_steps * config.seq_len
+    speed = tu.read_scalars(workdir, "tokens_per_sec")
     for step in speed:
         assert speed[step] * step_time[step] == pytest.approx(tokens_per_step, rel=1e-4)
     assert min(tu.read_scalars(workdir, "peak_memory_mb").values()) > 10  # MiB, host RSS on CPU
-    assert tu.read_scalars(workdir, "num_params") == {0: count_params(state.params)}
+    expected_params = models.closed_form_parameter_count(train.validate_config(config))
+    assert tu.read_scalars(workdir, "num_params") == {0: expected_params}
     bpb = tu.read_scalars(workdir, "train_bits_per_byte")
     assert bpb[12] == pytest.approx(loss[12] / math.log(2), rel=1e-5)
     samples = tu.read_texts(workdir)

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
 
-from megalodon_flax.config import DTYPES, ConfigError, MappingConfig, check_dtype
+from megalodon_flax.config import ConfigError, MappingConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -14,7 +13,8 @@ class LlamaConfig(MappingConfig):
     """Hyper-parameters of the Llama baseline (pre-norm RMSNorm, RoPE, SwiGLU, tied head).
 
     The enwik8 defaults (dim 384, 6 layers, 6 heads of 64, FFN hidden 1280) give
-    12,489,792 parameters, the size of the reference comparison.
+    12,489,600 parameters (`parameter_count`); the reference comparison reports 12,489,792
+    for its Llama.
 
     Attributes:
       vocab_size: embedding rows, also the width of the tied LM head.
@@ -68,8 +68,7 @@ class LlamaConfig(MappingConfig):
             value = float(getattr(self, name))
             if not (math.isfinite(value) and value > 0):
                 raise ConfigError(f"{name} must be positive and finite, got {value}")
-        for name in ("param_dtype", "compute_dtype"):
-            check_dtype(name, getattr(self, name), "it follows the Megalodon runs' dtype rules")
+        self._check_dtypes("it follows the Megalodon runs' dtype rules")
 
     @property
     def head_dim(self) -> int:
@@ -79,14 +78,6 @@ class LlamaConfig(MappingConfig):
     def output_width(self) -> int:
         """LM-head width (the tied embedding's rows)."""
         return self.vocab_size
-
-    @property
-    def params_jnp_dtype(self) -> Any:
-        return DTYPES[self.param_dtype]
-
-    @property
-    def compute_jnp_dtype(self) -> Any:
-        return DTYPES[self.compute_dtype]
 
     def parameter_count(self) -> int:
         """Closed-form parameter count: embedding, per block 4·D² + 3·D·F + 2·D, final norm."""

@@ -18,10 +18,10 @@ import jax
 import jax.numpy as jnp
 
 from megalodon_flax.llama.config import LlamaConfig
+from megalodon_flax.model.attention import masked_attention
 from megalodon_flax.model.linear import Linear
+from megalodon_flax.model.norms import rms_normalize
 from megalodon_flax.model.rotary import apply_rope, rope_frequencies
-
-_NEG_INF = -1e30
 
 
 @flax.struct.dataclass
@@ -61,8 +61,7 @@ class RMSNorm(nn.Module):
         scale = self.param(
             "scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)), (x.shape[-1],)
         )
-        x = x.astype(jnp.float32)
-        return x * jax.lax.rsqrt(jnp.mean(jnp.square(x), -1, keepdims=True) + self.eps) * scale
+        return rms_normalize(x, self.eps) * scale
 
 
 def _linear(config: LlamaConfig, name: str, features: int, axes: tuple[str, str]) -> Linear:
@@ -108,7 +107,8 @@ class LlamaAttention(nn.Module):
             return y.reshape(batch, length, heads, head_dim)
 
         freqs = rope_frequencies(head_dim, cfg.rope_base)
-        q = apply_rope(project("wq"), positions, freqs, "half_split").astype(cd)
+        q = apply_rope(project("wq"), positions, freqs, "half_split")
+        q = (q.astype(jnp.float32) * head_dim**-0.5).astype(cd)
         k = apply_rope(project("wk"), positions, freqs, "half_split").astype(cd)
         v = project("wv")
         if kv is None:
@@ -120,17 +120,12 @@ class LlamaAttention(nn.Module):
             values = jax.lax.dynamic_update_slice(kv.values, v, index)
             kv = LayerKV(keys, values)
             key_positions = jnp.arange(keys.shape[1], dtype=positions.dtype)
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, keys, preferred_element_type=jnp.float32)
-        logits = logits * (head_dim**-0.5)
-        causal = key_positions[None, :] <= positions[:, None]  # (L, T)
-        logits = jnp.where(causal, logits, _NEG_INF)
-        probs = jax.nn.softmax(logits, axis=-1)
-        if cfg.attention_dropout > 0.0:
-            probs = nn.Dropout(cfg.attention_dropout)(probs, deterministic=deterministic)
-        out = jnp.einsum(
-            "bhqk,bkhd->bqhd", probs.astype(cd), values, preferred_element_type=jnp.float32
-        )
-        out = out.astype(cd).reshape(batch, length, width)
+        causal = key_positions[None, :] <= positions[:, None]  # (L, T), broadcast over (B, H)
+        prob_dropout = None
+        if cfg.attention_dropout > 0.0 and not deterministic:
+            prob_dropout = nn.Dropout(cfg.attention_dropout, deterministic=False)
+        out = masked_attention(q, keys, values, causal, cd, prob_dropout)  # (B, L, H, Dh)
+        out = out.reshape(batch, length, width)
         return _linear(cfg, "wo", cfg.model_dim, ("value", "embed"))(out), kv
 
 
