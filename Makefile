@@ -9,9 +9,9 @@ EXTRAS ?= test
 PY_SOURCES := megalodon_flax configs tests benchmarks main.py
 
 # The Megalodon-vs-Llama comparison on a CPU budget (see RESULTS.md); runs go to runs/.
-COMPARE_ARGS ?= --config.num_train_steps=400 --config.batch_size=8 --config.warmup_steps=40 \
-	--config.eval_every_steps=100 --config.num_eval_batches=16 --config.checkpoint_every_steps=200 \
-	--config.sample_every_steps=400 --config.profile_num_steps=0
+COMPARE_ARGS ?= --config.num_train_steps=400 --config.batch_size=8 \
+	--config.schedule.warmup_steps=40 --config.eval.every_steps=100 --config.eval.num_batches=16 \
+	--config.checkpoint.every_steps=200 --config.sampling.every_steps=400 --config.profile.num_steps=0
 
 .PHONY: install train test bench lint compare
 
@@ -37,4 +37,5 @@ bench: install
 compare: install
 	$(PY) main.py --config=configs/megalodon.py --workdir=runs/megalodon $(COMPARE_ARGS)
 	$(PY) main.py --config=configs/llama.py --workdir=runs/llama $(COMPARE_ARGS)
-	$(PY) -m megalodon_flax.compare --workdirs runs/megalodon runs/llama --out RESULTS.md --plots_dir results/plots --intro results/intro.md
+	$(PY) -m megalodon_flax.cli.compare --workdirs=runs/megalodon,runs/llama --out=RESULTS.md \
+		--plots_dir=results/plots --intro=results/intro.md

@@ -44,7 +44,7 @@ import numpy as np
 import megalodon_flax as mf
 from benchmarks import common
 from benchmarks.common import OURS, PEER, fmt, int_list, peer_available, random_tokens, table
-from megalodon_flax.inference import generate, lower_generate
+from megalodon_flax.sampling import generate, lower_generate
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_OUT = os.path.join(HERE, "results", "bench_generate.json")

@@ -45,7 +45,7 @@ from benchmarks.common import (
     str_list,
     table,
 )
-from megalodon_flax.model.cema import cema, cema_coefficients
+from megalodon_flax.megalodon.cema import cema, cema_coefficients
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_OUT = os.path.join(HERE, "results", "bench_model.json")

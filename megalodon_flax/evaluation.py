@@ -3,8 +3,9 @@
 * `stream` mode reads the split as `num_streams` contiguous streams (1 = the whole split as
   one stream) and feeds them call after call with the model's streaming cache, so every byte
   is predicted with all preceding context of its stream at constant memory.
-* `window` mode cuts the split into contiguous, non-overlapping windows of `seq_len + 1`
-  bytes that each start from a fresh state, as training evaluation does.
+* `window` mode runs a compiled eval step (`TrainingSetup.eval_step`, sharded over the mesh)
+  over contiguous, non-overlapping windows of `seq_len + 1` bytes that each start from a
+  fresh state; the training loop and the `evaluate` command both use it.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -20,9 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from megalodon_flax import input_pipeline, models
-from megalodon_flax.losses import LN2, weighted_loss_sum
-from megalodon_flax.model import MegalodonLM, ModelCache, init_cache
+from megalodon_flax import families
+from megalodon_flax.training.metrics import LN2, EvalMetrics, weighted_loss_sum
 
 ProgressFn = Callable[[int, int], None]
 
@@ -62,22 +62,15 @@ def _params(params: Any) -> Any:
 
 @functools.partial(jax.jit, static_argnums=0)
 def _stream_call(
-    model: MegalodonLM, params: Any, cache: ModelCache, inputs: jax.Array, targets: jax.Array
-) -> tuple[jax.Array, ModelCache]:
+    model: families.LanguageModel, params: Any, cache: Any, inputs: jax.Array, targets: jax.Array
+) -> tuple[jax.Array, Any]:
     logits, cache = model.apply({"params": params}, inputs, cache=cache)
     nll, _, _ = weighted_loss_sum(logits, targets, jnp.ones(targets.shape, jnp.float32))
     return nll, cache
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _window_call(model: MegalodonLM, params: Any, batch: dict[str, jax.Array]) -> jax.Array:
-    logits, _ = model.apply({"params": params}, batch["inputs"])
-    nll, _, _ = weighted_loss_sum(logits, batch["targets"], batch["weights"])
-    return nll
-
-
 def stream_eval(
-    model: MegalodonLM,
+    model: families.LanguageModel,
     params: Any,
     data: np.ndarray,
     *,
@@ -100,7 +93,8 @@ def stream_eval(
     Returns:
       EvalResult over every byte of each stream after its first.
     """
-    if not models.has_carried_state(model):
+    family = families.family_of_model(model)
+    if not family.carries_state:
         raise TypeError(
             f"stream evaluation needs a model that carries its state ({type(model).__name__} "
             "has a bounded context); use window_eval"
@@ -118,7 +112,7 @@ def stream_eval(
     streams = data[: stream_len * num_streams].reshape(num_streams, stream_len).astype(np.int32)
     inputs, targets = streams[:, :-1], streams[:, 1:]
     total = inputs.shape[1]
-    cache = init_cache(model.config, num_streams)
+    cache = family.init_cache(model.config, num_streams, 0)
     nll = jnp.zeros((), jnp.float32)
     start = time.perf_counter()
     for lo in range(0, total, call_length):
@@ -132,36 +126,39 @@ def stream_eval(
 
 
 def window_eval(
-    model: MegalodonLM,
+    eval_step: Callable[[Any, Mapping[str, Any]], EvalMetrics],
     params: Any,
-    data: np.ndarray,
+    batches: Iterable[Mapping[str, Any]],
     *,
-    seq_len: int,
-    batch_size: int,
-    max_batches: int | None = None,
-    max_bytes: int | None = None,
+    num_batches: int | None = None,
     progress: ProgressFn | None = None,
 ) -> EvalResult:
-    """Bits per byte over contiguous, non-overlapping windows of `seq_len + 1` bytes.
+    """Bits per byte over window batches, each window from a fresh state.
 
-    Each window starts from a fresh state; padding of the last batch carries weight 0.
+    Args:
+      eval_step: `(params, batch) -> EvalMetrics`, e.g. `TrainingSetup.eval_step`.
+      params: the model parameters as `eval_step` takes them.
+      batches: `inputs`, `targets` int32 (B, L) and `weights` float32 (B, L) (0 = padding),
+        e.g. from `data.pipeline.eval_batches`.
+      num_batches: the number of batches, for `progress`.
+      progress: called as progress(batches_done, num_batches) after every batch.
+
+    Returns:
+      EvalResult over every target with a positive weight.
+
+    Raises:
+      ValueError: if `batches` is empty.
     """
-    params = _params(params)
-    data = np.asarray(data, np.uint8)
-    if max_bytes is not None:
-        data = data[:max_bytes]
-    num_batches = input_pipeline.num_eval_batches(
-        data.shape[0], seq_len=seq_len, global_batch_size=batch_size, max_batches=max_batches
-    )
-    nll = jnp.zeros((), jnp.float32)
-    tokens = 0.0
+    total = None
     start = time.perf_counter()
-    batches = input_pipeline.eval_batches(
-        data, seq_len=seq_len, global_batch_size=batch_size, max_batches=max_batches
-    )
     for i, batch in enumerate(batches):
-        nll = nll + _window_call(model, params, batch)
-        tokens += float(batch["weights"].sum())
+        step_metrics = eval_step(params, batch)
+        total = step_metrics if total is None else total.merge(step_metrics)
         if progress is not None:
-            progress(i + 1, num_batches)
-    return EvalResult("window", float(nll), int(tokens), time.perf_counter() - start)
+            progress(i + 1, num_batches or i + 1)
+    if total is None:
+        raise ValueError("window evaluation got no batches")
+    loss = jax.device_get(total.loss)
+    return EvalResult(
+        "window", float(loss.total), round(float(loss.count)), time.perf_counter() - start
+    )

@@ -11,8 +11,6 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
@@ -38,42 +36,49 @@ TRAIN_SCALARS = (
 EVAL_SCALARS = ("eval_loss", "eval_bits_per_byte")
 
 
-def tiny_config(**overrides: Any):
-    """A one-layer float32 model on 16-byte sequences; fields may be overridden by name."""
+def tiny_config_dict(**overrides: Any):
+    """A one-layer float32 model on 16-byte sequences, as the ConfigDict `config_flags` gives.
+
+    Overrides name top-level fields (`seq_len=32`) or update a section with a dict
+    (`optimizer={"learning_rate": 1e-3}`, `model={"num_layers": 2}`).
+    """
     from configs import smoke
 
     config = smoke.get_config()
-    model = config.model
-    model.model_dim = 16
-    model.num_layers = 1
-    model.num_heads = 2
-    model.z_dim = 8
-    model.value_dim = 16
-    model.ffn_hidden_dim = 32
-    model.cema_ndim = 2
-    model.chunk_size = 8
-    model.norm_num_groups = 2
+    config.model.update(
+        model_dim=16,
+        num_layers=1,
+        num_heads=2,
+        z_dim=8,
+        value_dim=16,
+        ffn_hidden_dim=32,
+        cema_ndim=2,
+        chunk_size=8,
+        norm_num_groups=2,
+    )
     config.seq_len = 16
     config.batch_size = 8
-    config.eval_batch_size = 8
     config.num_train_steps = 8
-    config.learning_rate = 1e-2
-    config.warmup_steps = 2
     config.log_every_steps = 1
-    config.eval_every_steps = 4
-    config.num_eval_batches = 2
-    config.checkpoint_every_steps = 4
-    config.sample_every_steps = 4
-    config.sample_length = 8
     config.report_every_secs = 3600.0
-    config.async_checkpointing = True
+    config.optimizer.learning_rate = 1e-2
+    config.schedule.warmup_steps = 2
+    config.eval.update(every_steps=4, num_batches=2, batch_size=8)
+    config.checkpoint.update(every_steps=4, async_save=True)
+    config.sampling.update(every_steps=4, length=8)
     for key, value in overrides.items():
-        target = config
-        *parents, leaf = key.split(".")
-        for p in parents:
-            target = target[p]
-        target[leaf] = value
+        if isinstance(value, dict):
+            config[key].update(value)
+        else:
+            config[key] = value
     return config
+
+
+def tiny_config(**overrides: Any):
+    """`tiny_config_dict(**overrides)` as the validated `TrainConfig`."""
+    from megalodon_flax.training.config import TrainConfig
+
+    return TrainConfig.from_mapping(tiny_config_dict(**overrides))
 
 
 def make_enwik8_dirs(root: Path, num_bytes: int = 60_000) -> tuple[str, str]:
@@ -93,30 +98,18 @@ def make_enwik8_dirs(root: Path, num_bytes: int = 60_000) -> tuple[str, str]:
 
 def event_files(workdir: str | Path) -> list[Path]:
     """TensorBoard event files of `workdir`, oldest first (one per run)."""
-    files = Path(workdir).glob("events.out.tfevents.*")
-    return sorted(files, key=lambda p: float(p.name.split(".")[3]))
+    from megalodon_flax.event_files import event_files as files
+
+    return files(workdir)
 
 
 def read_scalars(
     workdir: str | Path, tag: str, files: list[Path] | None = None
 ) -> dict[int, float]:
-    """Returns `{step: value}` of a scalar written by clu's SummaryWriter (last value wins).
+    """`{step: value}` of a scalar over the event files of `workdir` (last value wins)."""
+    from megalodon_flax.event_files import read_scalars as read
 
-    Reads every event file of `workdir`, or only `files` when given.
-    """
-    from tensorboard.backend.event_processing import event_accumulator
-    from tensorboard.util import tensor_util
-
-    out: dict[int, float] = {}
-    for path in event_files(workdir) if files is None else files:
-        acc = event_accumulator.EventAccumulator(
-            str(path), size_guidance={event_accumulator.TENSORS: 0}
-        )
-        acc.Reload()
-        if tag in acc.Tags()["tensors"]:
-            for event in acc.Tensors(tag):
-                out[event.step] = float(tensor_util.make_ndarray(event.tensor_proto))
-    return out
+    return read(workdir, tag, files)
 
 
 def read_hparams(workdir: str | Path) -> dict[str, object]:
@@ -136,21 +129,10 @@ def read_hparams(workdir: str | Path) -> dict[str, object]:
 
 
 def read_texts(workdir: str | Path, tag: str = "sample") -> dict[int, str]:
-    """Returns `{step: text}` of a text summary."""
-    from tensorboard.backend.event_processing import event_accumulator
-    from tensorboard.util import tensor_util
+    """`{step: text}` of a text summary."""
+    from megalodon_flax.event_files import read_texts as read
 
-    out: dict[int, str] = {}
-    for path in event_files(workdir):
-        acc = event_accumulator.EventAccumulator(
-            str(path), size_guidance={event_accumulator.TENSORS: 0}
-        )
-        acc.Reload()
-        if tag in acc.Tags()["tensors"]:
-            for event in acc.Tensors(tag):
-                value = tensor_util.make_ndarray(event.tensor_proto)
-                out[event.step] = np.asarray(value).reshape(-1)[0].decode("utf-8")
-    return out
+    return read(workdir, tag)
 
 
 def subprocess_env(num_devices: int | None = None, **extra: str) -> dict[str, str]:
@@ -188,19 +170,12 @@ def run_python(
 
 
 def config_to_json(config) -> str:
-    """Serializes a config for a child process (see `config_from_json`)."""
-    return config.to_json()
+    """Serializes a `TrainConfig` for a child process (see `config_from_json`)."""
+    return json.dumps(config.to_dict())
 
 
 def config_from_json(text: str):
-    """Rebuilds a config serialized by `config_to_json`, restoring tuples."""
-    import ml_collections
+    """Rebuilds the `TrainConfig` serialized by `config_to_json`."""
+    from megalodon_flax.training.config import TrainConfig
 
-    def fix(value: Any) -> Any:
-        if isinstance(value, dict):
-            return {k: fix(v) for k, v in value.items()}
-        if isinstance(value, list):
-            return tuple(fix(v) for v in value)
-        return value
-
-    return ml_collections.ConfigDict(fix(json.loads(text)))
+    return TrainConfig.from_mapping(json.loads(text))

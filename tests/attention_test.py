@@ -15,19 +15,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from megalodon_flax.config import MegalodonConfig
-from megalodon_flax.model import attention as attention_module
-from megalodon_flax.model.attention import (
-    MovingAverageGatedAttention,
+from megalodon_flax.layers.attention import masked_attention
+from megalodon_flax.layers.norms import rms_normalize
+from megalodon_flax.layers.rotary import apply_rope, rope_frequencies
+from megalodon_flax.megalodon import mega as attention_module
+from megalodon_flax.megalodon.cache import AttentionCache
+from megalodon_flax.megalodon.chunked_attention import (
     chunked_attention,
-    masked_attention,
     ring_entries,
     ring_from_entries,
     streaming_attention,
 )
-from megalodon_flax.model.cache import AttentionCache
-from megalodon_flax.model.norms import rms_normalize
-from megalodon_flax.model.rotary import apply_rope, rope_frequencies
+from megalodon_flax.megalodon.config import MegalodonConfig
+from megalodon_flax.megalodon.mega import MovingAverageGatedAttention
 
 jax.config.update("jax_default_matmul_precision", "highest")
 

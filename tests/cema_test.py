@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from megalodon_flax.model import cema
+from megalodon_flax.megalodon import cema
 
 jax.config.update("jax_default_matmul_precision", "highest")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import signal
@@ -14,10 +15,12 @@ import jax
 import numpy as np
 import pytest
 
-from megalodon_flax import checkpointing, train
+from megalodon_flax.training import checkpointing, loop
+from megalodon_flax.training.setup import TrainingSetup, setup_training
+from megalodon_flax.training.steps import TrainState
 
 
-def _random_state(setup: train.TrainingSetup, seed: int) -> train.TrainState:
+def _random_state(setup: TrainingSetup, seed: int) -> TrainState:
     """A train state with random values in every leaf, laid out like the real one."""
     rng = np.random.default_rng(seed)
 
@@ -31,31 +34,31 @@ def _random_state(setup: train.TrainingSetup, seed: int) -> train.TrainState:
     return jax.tree.map(fill, setup.abstract_state)
 
 
-def _save(workdir: Path, setup: train.TrainingSetup, state, step: int) -> None:
+def _save(workdir: Path, setup: TrainingSetup, state, step: int) -> None:
     manager = checkpointing.create_manager(workdir, max_to_keep=2)
     checkpointing.save(
         manager,
         step,
         state,
         {"step": step, "train_iterator": {"step": step}},
-        {"model": setup.model_config.to_dict()},
+        checkpointing.run_metadata(setup.config),
     )
     manager.wait_until_finished()
     manager.close()
 
 
-def _restore(workdir: Path, setup: train.TrainingSetup):
+def _restore(workdir: Path, setup: TrainingSetup):
     manager = checkpointing.create_manager(workdir, max_to_keep=2)
     try:
         return checkpointing.restore_latest(
-            manager, setup.abstract_state, {"model": setup.model_config.to_dict()}
+            manager, setup.abstract_state, checkpointing.run_metadata(setup.config)
         )
     finally:
         manager.close()
 
 
 def test_round_trip_is_bitwise_with_shardings_and_data_position(tmp_path: Path) -> None:
-    setup = train.setup_training(tu.tiny_config())
+    setup = setup_training(tu.tiny_config())
     assert _restore(tmp_path, setup) is None  # nothing saved yet
     state = _random_state(setup, 0)
     _save(tmp_path, setup, state, 3)
@@ -64,7 +67,7 @@ def test_round_trip_is_bitwise_with_shardings_and_data_position(tmp_path: Path) 
     step, restored, data = _restore(tmp_path, setup)
     assert step == 7
     assert data == {"step": 7, "train_iterator": {"step": 7}}
-    assert isinstance(restored, train.TrainState)
+    assert isinstance(restored, TrainState)
     flat_want = jax.tree_util.tree_leaves_with_path(later)
     flat_got = jax.tree.leaves(restored)
     assert len(flat_want) == len(flat_got) > 50
@@ -77,22 +80,22 @@ def test_round_trip_is_bitwise_with_shardings_and_data_position(tmp_path: Path) 
 @pytest.mark.parametrize(
     ("change", "expect"),
     [
-        ({"model.model_dim": 32}, r"params/model/embed/embedding: checkpoint shape \(256, 16\)"),
-        ({"model.num_layers": 2}, r"missing in the checkpoint: params/model/layers_1"),
-        ({"model.swiglu": False}, r"not in the current model: params/model/layers_0/ffn/fc3"),
+        ({"model_dim": 32}, r"params/model/embed/embedding: checkpoint shape \(256, 16\)"),
+        ({"num_layers": 2}, r"missing in the checkpoint: params/model/layers_1"),
+        ({"swiglu": False}, r"not in the current model: params/model/layers_0/ffn/fc3"),
     ],
 )
 def test_mismatched_model_stops_with_clear_error(tmp_path: Path, change, expect) -> None:
-    setup = train.setup_training(tu.tiny_config())
+    setup = setup_training(tu.tiny_config())
     _save(tmp_path, setup, _random_state(setup, 0), 4)
-    other = train.setup_training(tu.tiny_config(**change))
+    other = setup_training(tu.tiny_config(model=change))
     with pytest.raises(checkpointing.CheckpointError) as info:
         _restore(tmp_path, other)
     message = str(info.value)
     assert str(tmp_path / "checkpoints" / "4") in message
     assert "does not match the current model" in message
     assert re.search(expect, message), message
-    key = next(iter(change)).split(".")[-1]
+    key = next(iter(change))
     assert f"{key}:" in message  # the config difference is spelled out
 
 
@@ -100,7 +103,7 @@ def test_mismatched_model_stops_with_clear_error(tmp_path: Path, change, expect)
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.parametrize("damage", ["garbage_data", "missing_metadata", "empty_state_dir"])
 def test_damaged_checkpoint_stops_with_clear_error(tmp_path: Path, damage: str) -> None:
-    setup = train.setup_training(tu.tiny_config())
+    setup = setup_training(tu.tiny_config())
     _save(tmp_path, setup, _random_state(setup, 0), 5)
     state_dir = tmp_path / "checkpoints" / "5" / "state"
     files = [p for p in state_dir.rglob("*") if p.is_file()]
@@ -120,13 +123,13 @@ def test_damaged_checkpoint_stops_with_clear_error(tmp_path: Path, damage: str) 
 
 def test_train_and_evaluate_refuses_checkpoint_of_other_model(tmp_path: Path) -> None:
     data_dir, manual_dir = tu.make_enwik8_dirs(tmp_path / "data")
-    config = tu.tiny_config(data_dir=data_dir, manual_dir=manual_dir)
-    setup = train.setup_training(config)
+    config = tu.tiny_config(data={"data_dir": data_dir, "manual_dir": manual_dir})
+    setup = setup_training(config)
     workdir = tmp_path / "run"
     _save(workdir, setup, _random_state(setup, 0), 4)
-    config.model.num_layers = 2
+    config = dataclasses.replace(config, model=dataclasses.replace(config.model, num_layers=2))
     with pytest.raises(checkpointing.CheckpointError, match="num_layers: 1 -> 2") as info:
-        train.train_and_evaluate(config, str(workdir))
+        loop.train_and_evaluate(config, str(workdir))
     assert str(workdir / "checkpoints" / "4") in str(info.value)
     assert not tu.read_scalars(workdir, "train_loss")  # stopped before training
 
@@ -137,8 +140,9 @@ def test_config_is_saved_as_json(tmp_path: Path) -> None:
     saved = json.loads(Path(path).read_text())
     assert saved["seed"] == 11
     assert saved["model"]["model_dim"] == 16
-    assert saved["mesh_shape"] == list(config.mesh_shape)
-    assert set(saved) == set(config.keys())
+    assert saved["mesh"]["shape"] == list(config.mesh.shape)
+    assert set(saved) == {f.name for f in dataclasses.fields(config)}
+    assert checkpointing.load_run_config(tmp_path) == config  # reads back as the same config
 
 
 @pytest.mark.slow
@@ -146,18 +150,20 @@ def test_async_checkpoints_hold_the_state_of_their_step(tmp_path: Path) -> None:
     """Training goes on (donating buffers) while a checkpoint is written in the background;
     the checkpoints must equal those of a run that saves synchronously."""
     data_dir, manual_dir = tu.make_enwik8_dirs(tmp_path / "data")
-    common = dict(
-        data_dir=data_dir,
-        manual_dir=manual_dir,
-        num_train_steps=6,
-        checkpoint_every_steps=2,
-        eval_every_steps=100,
-        sample_every_steps=0,
-        log_every_steps=3,
-    )
-    train.train_and_evaluate(tu.tiny_config(async_checkpointing=True, **common), tmp_path / "a")
-    train.train_and_evaluate(tu.tiny_config(async_checkpointing=False, **common), tmp_path / "s")
-    setup = train.setup_training(tu.tiny_config())
+
+    def config(async_save: bool):
+        return tu.tiny_config(
+            data={"data_dir": data_dir, "manual_dir": manual_dir},
+            num_train_steps=6,
+            checkpoint={"every_steps": 2, "async_save": async_save},
+            eval={"every_steps": 100},
+            sampling={"every_steps": 0},
+            log_every_steps=3,
+        )
+
+    loop.train_and_evaluate(config(True), tmp_path / "a")
+    loop.train_and_evaluate(config(False), tmp_path / "s")
+    setup = setup_training(tu.tiny_config())
     for step in (2, 4, 6):
         states = []
         for run in ("a", "s"):
@@ -180,7 +186,7 @@ def test_async_checkpoints_hold_the_state_of_their_step(tmp_path: Path) -> None:
 _CHILD = """
 import os, signal
 import _train_utils as tu
-from megalodon_flax import checkpointing, train
+from megalodon_flax.training import checkpointing, loop
 
 config = tu.config_from_json({config!r})
 kill_at = {kill_at}
@@ -194,7 +200,7 @@ if kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
 
     checkpointing.save = save_then_die
-train.train_and_evaluate(config, {workdir!r})
+loop.train_and_evaluate(config, {workdir!r})
 """
 
 
@@ -220,14 +226,13 @@ def test_sigkill_after_checkpoint_then_rerun_matches_uninterrupted_bitwise(
 ) -> None:
     data_dir, manual_dir = tu.make_enwik8_dirs(tmp_path / "data")
     config = tu.tiny_config(
-        data_dir=data_dir,
-        manual_dir=manual_dir,
+        data={"data_dir": data_dir, "manual_dir": manual_dir},
         num_train_steps=8,
-        checkpoint_every_steps=3,
-        eval_every_steps=100,
-        sample_every_steps=0,
+        checkpoint={"every_steps": 3},
+        eval={"every_steps": 100},
+        sampling={"every_steps": 0},
         log_every_steps=1,
-        learning_rate=5e-3,
+        optimizer={"learning_rate": 5e-3},
     )
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     _child(config, straight)
@@ -247,7 +252,7 @@ def test_sigkill_after_checkpoint_then_rerun_matches_uninterrupted_bitwise(
         assert steps, tag
         for s in steps:
             assert got[s] == want[s], (tag, s, got[s], want[s])  # bitwise
-    setup = train.setup_training(config)
+    setup = setup_training(config)
     _, a, data_a = _restore(straight, setup)
     _, b, data_b = _restore(killed, setup)
     assert data_a == data_b == {"step": 8, "train_iterator": {"step": 8}}

@@ -13,8 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from megalodon_flax import inference, train
-from megalodon_flax.workdir import load_run_config, load_trained_run
+from megalodon_flax import sampling
+from megalodon_flax.data import enwik8
+from megalodon_flax.training.checkpointing import load_run_config, restore_run
+from megalodon_flax.training.loop import train_and_evaluate
 
 
 @pytest.fixture(scope="module")
@@ -23,14 +25,12 @@ def trained_workdir(tmp_path_factory):
     root = tmp_path_factory.mktemp("run")
     data_dir, manual_dir = tu.make_enwik8_dirs(root)
     config = tu.tiny_config(
-        data_dir=data_dir,
-        manual_dir=manual_dir,
-        sample_every_steps=0,
-        eval_mode="both",
-        eval_stream_max_bytes=600,
+        data={"data_dir": data_dir, "manual_dir": manual_dir},
+        sampling={"every_steps": 0},
+        eval={"mode": "both", "stream_max_bytes": 600},
     )
     workdir = root / "workdir"
-    train.train_and_evaluate(config, str(workdir))
+    train_and_evaluate(config, str(workdir))
     return workdir, config
 
 
@@ -45,6 +45,12 @@ def _cli(module: str, *args: str) -> subprocess.CompletedProcess:
     )
 
 
+def _load_split(config, split: str) -> np.ndarray:
+    data = config.data
+    splits = enwik8.load_enwik8_splits(data.data_dir, data.manual_dir, data.allow_sample_fallback)
+    return splits[split]
+
+
 def _one_shot_nll(run, data: np.ndarray) -> float:
     logits, _ = run.model.apply({"params": run.params}, jnp.asarray(data[None, :-1], jnp.int32))
     logp = np.asarray(jax.nn.log_softmax(logits[0]), np.float64)
@@ -57,8 +63,8 @@ def test_stream_evaluation_during_training_is_logged(trained_workdir):
     stream = tu.read_scalars(workdir, "eval_stream_bits_per_byte")
     window = tu.read_scalars(workdir, "eval_bits_per_byte")
     assert sorted(stream) == sorted(window) == [4, 8]
-    run = load_trained_run(workdir)
-    split = train.load_data(config)[config.eval_split][:600]
+    run = restore_run(workdir)
+    split = _load_split(config, config.eval.split)[:600]
     expected = _one_shot_nll(run, split) / 599 / np.log(2)
     np.testing.assert_allclose(stream[8], expected, rtol=1e-4)
 
@@ -66,9 +72,10 @@ def test_stream_evaluation_during_training_is_logged(trained_workdir):
 @pytest.mark.slow
 def test_loader_restores_the_newest_checkpoint(trained_workdir):
     workdir, config = trained_workdir
-    run = load_trained_run(workdir)
+    run = restore_run(workdir)
     assert run.step == 8
-    assert run.model_config == train.validate_config(config)
+    assert run.config == config
+    assert run.model_config == config.model
     assert load_run_config(workdir).seq_len == config.seq_len
 
 
@@ -76,16 +83,16 @@ def test_loader_restores_the_newest_checkpoint(trained_workdir):
 def test_sample_cli_greedy_matches_generate(trained_workdir):
     workdir, _ = trained_workdir
     proc = _cli(
-        "megalodon_flax.sample",
+        "megalodon_flax.cli.sample",
         f"--workdir={workdir}",
         "--prompt=<page>",
         "--max_new_tokens=24",
         "--temperature=0",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    run = load_trained_run(workdir)
+    run = restore_run(workdir)
     prompt = np.frombuffer(b"<page>", np.uint8).astype(np.int32)[None]
-    tokens = inference.generate(run.model, run.params, prompt, 24, jax.random.key(0), 0.0)
+    tokens = sampling.generate(run.model, run.params, prompt, 24, jax.random.key(0), 0.0)
     text = "<page>" + bytes(np.asarray(tokens[0], np.uint8).tolist()).decode(
         "utf-8", errors="replace"
     )
@@ -95,13 +102,13 @@ def test_sample_cli_greedy_matches_generate(trained_workdir):
 @pytest.mark.slow
 def test_evaluate_cli_stream_and_window(trained_workdir):
     workdir, config = trained_workdir
-    run = load_trained_run(workdir)
-    split = train.load_data(config)["test"][:500]
+    run = restore_run(workdir)
+    split = _load_split(config, "test")[:500]
     expected = _one_shot_nll(run, split)
     results = {}
     for mode in ("stream", "window"):
         proc = _cli(
-            "megalodon_flax.evaluate",
+            "megalodon_flax.cli.evaluate",
             f"--workdir={workdir}",
             "--split=test",
             f"--mode={mode}",
@@ -123,41 +130,50 @@ def test_evaluate_cli_stream_and_window(trained_workdir):
     np.testing.assert_allclose(results["window"]["loss"], window_nll / 499, rtol=1e-4)
 
 
-@pytest.mark.parametrize("module", ["megalodon_flax.sample", "megalodon_flax.evaluate"])
+def _error_line(proc: subprocess.CompletedProcess) -> str:
+    """The one-line `error: ...` a CLI ends with (exit status 1, no traceback)."""
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: "), proc.stderr[-3000:]
+    return last
+
+
+@pytest.mark.parametrize("module", ["megalodon_flax.cli.sample", "megalodon_flax.cli.evaluate"])
 def test_clis_fail_clearly_without_a_run(tmp_path, module):
     proc = _cli(module, f"--workdir={tmp_path / 'absent'}")
-    assert proc.returncode != 0
-    assert "does not exist" in proc.stderr
+    assert "does not exist" in _error_line(proc)
     (tmp_path / "empty").mkdir()
     proc = _cli(module, f"--workdir={tmp_path / 'empty'}")
-    assert proc.returncode != 0
-    assert "config.json not found" in proc.stderr
+    assert "config.json not found" in _error_line(proc)
 
 
 @pytest.mark.slow
 def test_convert_cli_round_trip_through_hf(trained_workdir, tmp_path):
     """Export a trained run to megalodon-hf safetensors and import it into a new workdir: the
     weights come back (the ±1 LayerNorm shift may move the last bit) and sample identically."""
-    from megalodon_flax.convert import expected_shapes, load_state_dict
+    from megalodon_flax.megalodon.convert import load_state_dict
+    from megalodon_flax.megalodon.state_dict_layout import expected_shapes
 
     workdir, _ = trained_workdir
     out = tmp_path / "model.safetensors"
-    proc = _cli("megalodon_flax.convert", f"--workdir={workdir}", "--to=hf", f"--out={out}")
+    proc = _cli("megalodon_flax.cli.convert", f"--workdir={workdir}", "--to=hf", f"--out={out}")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    run = load_trained_run(workdir)
+    run = restore_run(workdir)
     exported = load_state_dict(str(out))
     assert {k: v.shape for k, v in exported.items()} == expected_shapes(run.model_config, "hf")
 
     config_file = tmp_path / "config.py"
     config_file.write_text(
-        "from megalodon_flax.workdir import load_run_config\n\n\n"
-        f"def get_config():\n    return load_run_config({str(workdir)!r})\n"
+        "from megalodon_flax.training.checkpointing import load_run_config\n\n\n"
+        "def get_config():\n"
+        f"    return load_run_config({str(workdir)!r}).to_config_dict()\n"
     )
     imported = tmp_path / "imported"
     args = [f"--workdir={imported}", "--from=hf", f"--in={out}", f"--config={config_file}"]
-    proc = _cli("megalodon_flax.convert", *args)
+    proc = _cli("megalodon_flax.cli.convert", *args)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    again = load_trained_run(imported)
+    again = restore_run(imported)
     assert again.step == 0
     jax.tree.map(
         lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-7),
@@ -165,10 +181,12 @@ def test_convert_cli_round_trip_through_hf(trained_workdir, tmp_path):
         run.params,
     )
     samples = [
-        _cli("megalodon_flax.sample", f"--workdir={w}", "--temperature=0", "--max_new_tokens=16")
+        _cli(
+            "megalodon_flax.cli.sample", f"--workdir={w}", "--temperature=0", "--max_new_tokens=16"
+        )
         for w in (workdir, imported)
     ]
     assert samples[0].returncode == samples[1].returncode == 0
     assert samples[0].stdout == samples[1].stdout
-    proc = _cli("megalodon_flax.convert", *args)
-    assert proc.returncode != 0 and "already holds checkpoints" in proc.stderr
+    proc = _cli("megalodon_flax.cli.convert", *args)
+    assert "already holds checkpoints" in _error_line(proc)

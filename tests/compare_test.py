@@ -1,4 +1,9 @@
-"""Tests of the run comparison report: two tiny real runs, synthetic event files, the CLI."""
+"""Tests of the run comparison report: two tiny real runs, synthetic event files, the CLI.
+
+The package reads event files with its own decoder (`megalodon_flax.event_files`); the
+oracles here are TensorBoard's `EventAccumulator`, used directly, and synthetic event files
+written in the tests with known values.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +18,10 @@ import _train_utils as tu
 import numpy as np
 import pytest
 
-from megalodon_flax import compare, train
+from megalodon_flax import event_files
+from megalodon_flax.report import BPB_PLOT, summary_table, write_report
+from megalodon_flax.run_summary import load_run
+from megalodon_flax.training import loop
 
 REAL_RUNS = ("seed1", "seed2")
 NUM_STEPS = 8
@@ -22,6 +30,65 @@ EVAL_STEPS = [4, 8]
 SPARSE_SAMPLE = "prompt ```python\nx = 1\n```\x00 tail"
 SPARSE_SAMPLE_RENDERED = "```\nprompt ` ` `python\nx = 1\n` ` `\\x00 tail\n```"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+# ------------------------------------------------------- the oracle: TensorBoard's reader
+def _tb_files(workdir: Path) -> list[Path]:
+    """Event files of `workdir`, oldest first by the wall time of their first summary.
+
+    The name's time field and the file-version event have whole seconds only, and a process
+    opens several writers within one second here.
+    """
+    from tensorboard.backend.event_processing import event_accumulator
+
+    def start(path: Path) -> float:
+        acc = event_accumulator.EventAccumulator(
+            str(path), size_guidance={event_accumulator.TENSORS: 0}
+        )
+        acc.Reload()
+        return min(e.wall_time for tag in acc.Tags()["tensors"] for e in acc.Tensors(tag))
+
+    return sorted(Path(workdir).glob("events.out.tfevents.*"), key=start)
+
+
+def _tb_tensors(workdir: Path, tag: str):
+    """`(step, ndarray)` of every `tag` event, file by file, via TensorBoard's accumulator."""
+    from tensorboard.backend.event_processing import event_accumulator
+    from tensorboard.util import tensor_util
+
+    for path in _tb_files(workdir):
+        acc = event_accumulator.EventAccumulator(
+            str(path), size_guidance={event_accumulator.TENSORS: 0}
+        )
+        acc.Reload()
+        if tag in acc.Tags()["tensors"]:
+            for event in acc.Tensors(tag):
+                yield event.step, tensor_util.make_ndarray(event.tensor_proto)
+
+
+def tb_scalars(workdir: Path, tag: str) -> dict[int, float]:
+    """`{step: value}` of a scalar, the later file winning (TensorBoard's reader)."""
+    return {step: float(value) for step, value in _tb_tensors(workdir, tag)}
+
+
+def tb_texts(workdir: Path, tag: str = "sample") -> dict[int, str]:
+    """`{step: text}` of a text summary (TensorBoard's reader)."""
+    return {
+        step: np.asarray(value).reshape(-1)[0].decode("utf-8")
+        for step, value in _tb_tensors(workdir, tag)
+    }
+
+
+def _compare_cli(*args: str) -> subprocess.CompletedProcess:
+    """Runs `python -m megalodon_flax.cli.compare` with absl flags."""
+    return subprocess.run(
+        [sys.executable, "-m", "megalodon_flax.cli.compare", *args],
+        cwd=tu.REPO_ROOT,
+        env=tu.subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def _write_events(workdir: Path, scalars: dict[int, dict[str, float]], texts=None) -> None:
@@ -45,18 +112,17 @@ def workdirs(tmp_path_factory) -> dict[str, Path]:
     dirs = {}
     for seed, name in enumerate(REAL_RUNS, start=1):
         config = tu.tiny_config(
-            data_dir=data_dir,
-            manual_dir=manual_dir,
+            data={"data_dir": data_dir, "manual_dir": manual_dir},
             seed=seed,
             num_train_steps=NUM_STEPS,
             log_every_steps=2,
-            eval_every_steps=4,
-            checkpoint_every_steps=NUM_STEPS,
-            sample_every_steps=NUM_STEPS,
-            profile_num_steps=0,
+            eval={"every_steps": 4},
+            checkpoint={"every_steps": NUM_STEPS},
+            sampling={"every_steps": NUM_STEPS},
+            profile={"num_steps": 0},
         )
         dirs[name] = root / name
-        train.train_and_evaluate(config, str(dirs[name]))
+        loop.train_and_evaluate(config, str(dirs[name]))
     dirs["sparse"] = root / "sparse"
     _write_events(
         dirs["sparse"],
@@ -68,10 +134,12 @@ def workdirs(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def report(workdirs, tmp_path_factory) -> Path:
-    """The report of the three runs via `main`, with the default names and plots folder."""
+    """The report of the three runs via the CLI, with the default names and plots folder."""
     out = tmp_path_factory.mktemp("report") / "RESULTS.md"
-    args = ["--workdirs", *(str(workdirs[k]) for k in (*REAL_RUNS, "sparse")), "--out", str(out)]
-    assert compare.main(args) == out
+    workdir_list = ",".join(str(workdirs[k]) for k in (*REAL_RUNS, "sparse"))
+    proc = _compare_cli(f"--workdirs={workdir_list}", f"--out={out}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"Wrote {out}" in proc.stdout
     return out
 
 
@@ -105,7 +173,7 @@ def _wall_time(workdir: Path) -> float:
     from tensorboard.backend.event_processing import event_accumulator
 
     total = 0.0
-    for path in tu.event_files(workdir):
+    for path in _tb_files(workdir):
         acc = event_accumulator.EventAccumulator(
             str(path), size_guidance={event_accumulator.TENSORS: 0}
         )
@@ -121,17 +189,20 @@ def _fmt(values: dict[int, float], reduce, spec: str) -> str:
 
 def test_load_run_matches_tensorboard_reader(workdirs) -> None:
     for name in REAL_RUNS:
-        run = compare.load_run(workdirs[name])
+        run = load_run(workdirs[name])
         assert run.name == name
         assert run.config["seed"] == REAL_RUNS.index(name) + 1
         for tag in (*tu.TRAIN_SCALARS, *tu.EVAL_SCALARS, "seconds_per_step", "num_params"):
-            want = tu.read_scalars(workdirs[name], tag)
+            want = tb_scalars(workdirs[name], tag)
+            assert want, tag
             assert run.series(tag) == pytest.approx(want, rel=1e-7), tag
+            assert event_files.read_scalars(workdirs[name], tag) == pytest.approx(want, rel=1e-7)
         assert sorted(run.series("train_loss")) == [2, 4, 6, 8]
         assert sorted(run.series("eval_loss")) == EVAL_STEPS
-        assert run.texts["sample"] == tu.read_texts(workdirs[name])
-        assert run.last_sample == (NUM_STEPS, tu.read_texts(workdirs[name])[NUM_STEPS])
-    runs = [compare.load_run(workdirs[n]) for n in REAL_RUNS]
+        assert run.texts["sample"] == tb_texts(workdirs[name])
+        assert event_files.read_texts(workdirs[name]) == tb_texts(workdirs[name])
+        assert run.last_sample == (NUM_STEPS, tb_texts(workdirs[name])[NUM_STEPS])
+    runs = [load_run(workdirs[n]) for n in REAL_RUNS]
     assert runs[0].series("train_loss") != runs[1].series("train_loss")  # the seeds differ
 
 
@@ -142,9 +213,9 @@ def test_summary_table_matches_event_files(workdirs, report) -> None:
         workdir, row = workdirs[name], rows[name]
 
         def scalars(tag: str, workdir: Path = workdir) -> dict[int, float]:
-            return tu.read_scalars(workdir, tag)
+            return tb_scalars(workdir, tag)
 
-        config = compare.load_run(workdir).config
+        config = load_run(workdir).config
         assert row["model family"] == config.get("model_family", "megalodon")
         params = scalars("num_params")
         assert row["parameters"] == _fmt(params, lambda v: round(v[max(v)]), ",")
@@ -196,7 +267,7 @@ def test_eval_table_has_every_step_of_every_run(workdirs, report) -> None:
         step = int(row["step"])
         for name in REAL_RUNS:
             for tag, label in (("eval_loss", "loss"), ("eval_bits_per_byte", "bpb")):
-                values = tu.read_scalars(workdirs[name], tag)
+                values = tb_scalars(workdirs[name], tag)
                 want = f"{values[step]:.4f}" if step in values else "n/a"
                 assert row[f"{name} val {label}"] == want, (name, step, tag)
         assert row["sparse val loss"] == ("1.8750" if step == 5 else "n/a")
@@ -226,25 +297,26 @@ def test_samples_are_fenced_safely(workdirs, report) -> None:
     assert "### sparse (step 5)" in samples
     fences = [ln for ln in text.splitlines() if ln.startswith("```")]
     assert all(ln == "```" for ln in fences) and len(fences) == 2 * 3
-    prompt = tu.tiny_config().sample_prompt
+    prompt = tu.tiny_config().sampling.prompt
     for name in REAL_RUNS:
         heading = f"### {name} (step {NUM_STEPS})\n\n```\n"
         assert heading in samples
         block = samples[samples.index(heading) + len(heading) :]
         assert block.startswith(prompt)
-        assert tu.read_texts(workdirs[name])[NUM_STEPS].startswith(prompt)
+        assert tb_texts(workdirs[name])[NUM_STEPS].startswith(prompt)
 
 
 def test_cli_subprocess_with_names_title_and_plots_dir(workdirs, tmp_path) -> None:
     out = tmp_path / "reports" / "out.md"
-    cmd = [sys.executable, "-m", "megalodon_flax.compare", "--workdirs"]
-    cmd += [str(workdirs["seed1"]), str(workdirs["sparse"]), "--names", "A", "B"]
-    cmd += ["--out", str(out), "--plots_dir", str(tmp_path / "figs"), "--title", "Tiny runs"]
     intro = tmp_path / "intro.md"
     intro.write_text("Two *tiny* runs.\n")
-    cmd += ["--intro", str(intro)]
-    proc = subprocess.run(
-        cmd, cwd=tu.REPO_ROOT, env=tu.subprocess_env(), capture_output=True, text=True, timeout=120
+    proc = _compare_cli(
+        f"--workdirs={workdirs['seed1']},{workdirs['sparse']}",
+        "--names=A,B",
+        f"--out={out}",
+        f"--plots_dir={tmp_path / 'figs'}",
+        "--title=Tiny runs",
+        f"--intro={intro}",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = out.read_text()
@@ -255,23 +327,33 @@ def test_cli_subprocess_with_names_title_and_plots_dir(workdirs, tmp_path) -> No
     assert all((out.parent / link).is_file() for link in links)
 
 
+def _one_error_line(proc: subprocess.CompletedProcess) -> str:
+    """The CLI failed with status 1 and exactly one `error: ...` line, no traceback."""
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    return errors[0]
+
+
 def test_missing_or_empty_workdir_is_a_clear_error(workdirs, tmp_path) -> None:
     missing = tmp_path / "no_such_run"
     with pytest.raises(FileNotFoundError, match="no_such_run"):
-        compare.load_run(missing)
-    with pytest.raises(SystemExit, match="no_such_run"):
-        compare.main(
-            ["--workdirs", str(workdirs["sparse"]), str(missing), "--out", str(tmp_path / "r.md")]
-        )
+        load_run(missing)
+    report_path = tmp_path / "r.md"
+    proc = _compare_cli(f"--workdirs={workdirs['sparse']},{missing}", f"--out={report_path}")
+    assert "no_such_run" in _one_error_line(proc)
     empty = tmp_path / "empty_run"
     empty.mkdir()
     with pytest.raises(FileNotFoundError, match=r"no TensorBoard event files.*empty_run"):
-        compare.load_run(empty)
-    with pytest.raises(SystemExit, match="one name per workdir"):
-        compare.main(
-            ["--workdirs", str(workdirs["sparse"]), "--names", "a", "b", "--out", str(empty)]
-        )
-    assert not (tmp_path / "r.md").exists()
+        load_run(empty)
+    proc = _compare_cli(f"--workdirs={empty}", f"--out={report_path}")
+    assert re.search(r"no TensorBoard event files.*empty_run", _one_error_line(proc))
+    proc = _compare_cli(f"--workdirs={workdirs['sparse']}", "--names=a,b", f"--out={empty}")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "one name per workdir" in proc.stderr
+    assert not report_path.exists()
+    assert list(empty.iterdir()) == []
 
 
 def test_resumed_run_newer_values_win_and_first_windows_are_skipped(tmp_path) -> None:
@@ -292,8 +374,8 @@ def test_resumed_run_newer_values_win_and_first_windows_are_skipped(tmp_path) ->
             8: {"eval_loss": 0.75, "eval_bits_per_byte": 1.25, "num_params": 123456789.0},
         },
     )
-    assert len(tu.event_files(workdir)) == 2
-    run = compare.load_run(workdir, name="r")
+    assert len(_tb_files(workdir)) == 2
+    run = load_run(workdir, name="r")
     assert run.series("train_loss") == {2: 3.0, 4: 1.5, 6: 1.0}
     assert run.first_window_steps["seconds_per_step"] == {2, 4}
     assert run.steady_median("seconds_per_step") == 0.25  # steps 2 and 4 compiled
@@ -304,7 +386,7 @@ def test_resumed_run_newer_values_win_and_first_windows_are_skipped(tmp_path) ->
     assert run.num_params == 123456792  # float32 scalar of 123456789
     assert run.wall_time_s is not None and run.wall_time_s >= 0
 
-    row = _tables("## S\n" + compare.summary_table([run]) + "\n")["S"]
+    row = _tables("## S\n" + summary_table([run]) + "\n")["S"]
     assert row[0]["parameters"] == "123,456,792"
     assert row[0]["s/step (median)"] == "0.25"
     assert row[0]["train time (s)"] == "18.5"
@@ -312,12 +394,103 @@ def test_resumed_run_newer_values_win_and_first_windows_are_skipped(tmp_path) ->
     # A file cut mid-record (a killed writer) is read up to the damage.
     cut = tmp_path / "cut"
     cut.mkdir()
-    for path in tu.event_files(workdir):
+    for path in _tb_files(workdir):
         shutil.copy(path, cut / path.name)
-    newest = max(tu.event_files(cut), key=lambda p: p.stat().st_size)
+    newest = max(_tb_files(cut), key=lambda p: p.stat().st_size)
     newest.write_bytes(newest.read_bytes()[:-7])
-    partial = compare.load_run(cut)
+    partial = load_run(cut)
     assert partial.series("train_loss") == pytest.approx({2: 3.0, 4: 1.5, 6: 1.0})
+
+
+def test_event_file_reader_returns_what_clu_wrote(tmp_path) -> None:
+    """`event_files.read_scalars` / `read_texts` against values written here with clu's writer:
+    two processes (the later file wins), an hparams summary, and cuts of the last file."""
+    from clu import metric_writers
+
+    pattern = "events.out.tfevents.*"
+    workdir = tmp_path / "w"
+    _write_events(workdir, {1: {"a": 0.5, "b": -2.0}, 2: {"a": 0.25}}, {2: {"sample": "first"}})
+    (first,) = workdir.glob(pattern)
+    # A second process resumes at step 2; the file size after each flushed step marks where
+    # that step's records end.
+    writer = metric_writers.create_default_writer(str(workdir), asynchronous=False)
+    writer.write_hparams({"learning_rate": 0.5, "schedule": "cosine"})
+    writer.flush()
+    (second,) = set(workdir.glob(pattern)) - {first}
+    later = [
+        (2, {"a": 0.125}, "h\u00e9llo \u2713 ```"),
+        (3, {"a": 1.5, "b": 3.0}, None),
+        (4, {"b": 2.75}, "last"),
+    ]
+    ends = [second.stat().st_size]
+    for step, scalars, text in later:
+        writer.write_scalars(step, scalars)
+        if text is not None:
+            writer.write_texts(step, {"sample": text})
+        writer.flush()
+        ends.append(second.stat().st_size)
+    writer.close()
+
+    def expected(num_later: int, tag: str) -> dict:
+        values = {1: {"a": 0.5, "b": -2.0}, 2: {"a": 0.25}}
+        texts = {2: "first"}
+        for step, scalars, text in later[:num_later]:
+            values.setdefault(step, {}).update(scalars)
+            if text is not None:
+                texts[step] = text
+        if tag == "sample":
+            return texts
+        return {step: v[tag] for step, v in values.items() if tag in v}
+
+    assert event_files.event_files(workdir) == [first, second]
+    assert event_files.read_scalars(workdir, "a") == expected(3, "a") == {1: 0.5, 2: 0.125, 3: 1.5}
+    assert event_files.read_scalars(workdir, "b") == expected(3, "b")
+    assert event_files.read_scalars(workdir, "a", files=[first]) == {1: 0.5, 2: 0.25}
+    assert event_files.read_scalars(workdir, "no_such_tag") == {}
+    assert event_files.read_texts(workdir) == expected(3, "sample")
+    assert event_files.read_texts(workdir, "no_such_tag") == {}
+    # TensorBoard's own reader agrees.
+    assert tb_scalars(workdir, "a") == expected(3, "a")
+    assert tb_texts(workdir) == expected(3, "sample")
+
+    # The writers' names as the 10th and 11th writer of one process within one second give
+    # them: `...<second>.<host>.<pid>.9.v2` was started before `....10.v2`.
+    renamed = tmp_path / "renamed"
+    renamed.mkdir()
+    stem = "events.out.tfevents.1700000000.host.4242"
+    shutil.copy(first, renamed / f"{stem}.9.v2")
+    shutil.copy(second, renamed / f"{stem}.10.v2")
+    names = [p.name for p in event_files.event_files(renamed)]
+    assert names == [f"{stem}.9.v2", f"{stem}.10.v2"]
+    assert event_files.read_scalars(renamed, "a") == expected(3, "a")
+    assert event_files.read_texts(renamed) == expected(3, "sample")
+    assert load_run(renamed).series("a") == expected(3, "a")
+    assert load_run(renamed).texts["sample"] == expected(3, "sample")
+
+    # A killed writer leaves the last file cut anywhere: whole steps survive, a cut record and
+    # what follows it are dropped, nothing raises.
+    data = second.read_bytes()
+    assert ends[-1] == len(data)
+    for num_later, end in enumerate(ends):
+        last = num_later == len(later)
+        cuts = [end] if last else [end, end + 5, end + 20, ends[num_later + 1] - 1]
+        for cut in cuts:
+            cut_dir = tmp_path / f"cut_{cut}"
+            cut_dir.mkdir()
+            shutil.copy(first, cut_dir / first.name)
+            (cut_dir / second.name).write_bytes(data[:cut])
+            for tag in ("a", "b"):
+                got = event_files.read_scalars(cut_dir, tag)
+                if cut == end:
+                    assert got == expected(num_later, tag), (cut, tag)
+                else:  # inside the next step: its record of `tag` is whole or dropped
+                    assert got in (expected(num_later, tag), expected(num_later + 1, tag)), cut
+            if cut == end:
+                assert event_files.read_texts(cut_dir) == expected(num_later, "sample"), cut
+    empty = tmp_path / "cut_all"
+    empty.mkdir()
+    (empty / second.name).write_bytes(data[:7])  # not even a record header
+    assert event_files.read_scalars(empty, "a") == {} and event_files.read_texts(empty) == {}
 
 
 def test_stream_columns_appear_when_logged(tmp_path) -> None:
@@ -326,11 +499,11 @@ def test_stream_columns_appear_when_logged(tmp_path) -> None:
         workdir,
         {4: {"eval_stream_loss": 0.5, "eval_stream_bits_per_byte": 0.75, "eval_loss": 0.625}},
     )
-    out = compare.write_report([compare.load_run(workdir)], tmp_path / "r.md")
+    out = write_report([load_run(workdir)], tmp_path / "r.md")
     tables = _tables(out.read_text())
     assert tables["Summary"][0]["final stream bpb"] == "0.7500 (step 4)"
     assert tables["Streaming validation by step"] == [
         {"step": "4", "s1 stream loss": "0.5000", "s1 stream bpb": "0.7500"}
     ]
-    assert math.isclose(compare.load_run(workdir).final("eval_loss")[1], 0.625)
-    assert (tmp_path / "plots" / compare.BPB_PLOT).stat().st_size > 0
+    assert math.isclose(load_run(workdir).final("eval_loss")[1], 0.625)
+    assert (tmp_path / "plots" / BPB_PLOT).stat().st_size > 0

@@ -16,8 +16,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from megalodon_flax.config import ConfigError, MegalodonConfig, enwik8_config
-from megalodon_flax.model import MegalodonLM, count_params, parameter_breakdown, parameter_count
+from megalodon_flax.config_base import ConfigError
+from megalodon_flax.megalodon import MegalodonLM, count_params, parameter_breakdown, parameter_count
+from megalodon_flax.megalodon.config import MegalodonConfig, enwik8_config
 
 
 def tree_size(cfg: MegalodonConfig) -> int:

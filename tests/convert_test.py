@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 
 from megalodon_flax import MegalodonConfig, MegalodonLM, enwik8_config
-from megalodon_flax.convert import (
+from megalodon_flax.megalodon.convert import (
     ConversionError,
-    expected_shapes,
     from_state_dict,
     load_state_dict,
     save_state_dict,
     to_state_dict,
 )
+from megalodon_flax.megalodon.state_dict_layout import expected_shapes
 
 SMALL = dict(
     vocab_size=61,

@@ -21,8 +21,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from megalodon_flax import input_pipeline
-from megalodon_flax.data import enwik8
+from megalodon_flax.data import enwik8, pipeline
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_SHA256 = "d8b3b95fb4993726ea7dcc93ae3c9e08a1a04cc540d05d7656fd267cc8ab5d6a"
@@ -272,12 +271,12 @@ def _kwargs(**overrides: int) -> dict[str, int]:
 
 def test_train_batches_match_raw_windows(byte_array: np.ndarray) -> None:
     seq_len, batch_size = 16, 8
-    batch = next(input_pipeline.TrainIterator(byte_array, **_kwargs()))
+    batch = next(pipeline.TrainIterator(byte_array, **_kwargs()))
     assert set(batch) == {"inputs", "targets", "weights"}
     assert batch["inputs"].shape == batch["targets"].shape == (batch_size, seq_len)
     assert batch["inputs"].dtype == batch["targets"].dtype == np.int32
     assert batch["weights"].dtype == np.float32 and np.all(batch["weights"] == 1)
-    offsets = input_pipeline.train_offsets(
+    offsets = pipeline.train_offsets(
         byte_array.size, 0, seq_len=seq_len, global_batch_size=batch_size, seed=7
     )
     assert offsets.min() >= 0 and offsets.max() <= byte_array.size - seq_len - 1
@@ -290,27 +289,27 @@ def test_train_batches_match_raw_windows(byte_array: np.ndarray) -> None:
 
 
 def test_train_batches_are_deterministic(byte_array: np.ndarray) -> None:
-    first_it = input_pipeline.TrainIterator(byte_array, **_kwargs())
-    second_it = input_pipeline.TrainIterator(byte_array, **_kwargs())
+    first_it = pipeline.TrainIterator(byte_array, **_kwargs())
+    second_it = pipeline.TrainIterator(byte_array, **_kwargs())
     first = [next(first_it) for _ in range(5)]
     second = [next(second_it) for _ in range(5)]
     for step, (a, b) in enumerate(zip(first, second, strict=True)):
         np.testing.assert_array_equal(a["inputs"], b["inputs"])
-        direct = input_pipeline.train_batch(byte_array, step, **_kwargs())
+        direct = pipeline.train_batch(byte_array, step, **_kwargs())
         np.testing.assert_array_equal(a["targets"], direct["targets"])
     assert not np.array_equal(first[0]["inputs"], first[1]["inputs"])
-    other_seed = next(input_pipeline.TrainIterator(byte_array, **_kwargs(seed=8)))
+    other_seed = next(pipeline.TrainIterator(byte_array, **_kwargs(seed=8)))
     assert not np.array_equal(first[0]["inputs"], other_seed["inputs"])
 
 
 def test_train_iterator_resumes_from_json_state(byte_array: np.ndarray) -> None:
-    it = input_pipeline.TrainIterator(byte_array, **_kwargs())
+    it = pipeline.TrainIterator(byte_array, **_kwargs())
     for _ in range(3):
         next(it)
     state = json.loads(json.dumps(it.get_state()))
     assert state == {"step": 3}
     continued = [next(it) for _ in range(4)]
-    resumed_it = input_pipeline.TrainIterator(byte_array, **_kwargs(), state=state)
+    resumed_it = pipeline.TrainIterator(byte_array, **_kwargs(), state=state)
     resumed = [next(resumed_it) for _ in range(4)]
     for a, b in zip(continued, resumed, strict=True):
         for key in a:
@@ -319,9 +318,9 @@ def test_train_iterator_resumes_from_json_state(byte_array: np.ndarray) -> None:
 
 
 def test_train_process_slices_union_to_global_batch(byte_array: np.ndarray) -> None:
-    global_it = input_pipeline.TrainIterator(byte_array, **_kwargs())
+    global_it = pipeline.TrainIterator(byte_array, **_kwargs())
     local_its = [
-        input_pipeline.TrainIterator(byte_array, **_kwargs(), process_index=p, process_count=4)
+        pipeline.TrainIterator(byte_array, **_kwargs(), process_index=p, process_count=4)
         for p in range(4)
     ]
     assert all(it.local_batch_size == 2 for it in local_its)
@@ -334,13 +333,13 @@ def test_train_process_slices_union_to_global_batch(byte_array: np.ndarray) -> N
 
 def test_train_iterator_errors(byte_array: np.ndarray) -> None:
     with pytest.raises(ValueError, match="shorter than seq_len"):
-        input_pipeline.TrainIterator(byte_array[:16], **_kwargs())
+        pipeline.TrainIterator(byte_array[:16], **_kwargs())
     with pytest.raises(ValueError, match="not divisible"):
-        input_pipeline.TrainIterator(byte_array, **_kwargs(), process_count=3)
+        pipeline.TrainIterator(byte_array, **_kwargs(), process_count=3)
     with pytest.raises(ValueError, match="seq_len"):
-        input_pipeline.TrainIterator(byte_array, **_kwargs(seq_len=0))
+        pipeline.TrainIterator(byte_array, **_kwargs(seq_len=0))
     # Exactly seq_len + 1 bytes is enough: every window is the whole split.
-    batch = next(input_pipeline.TrainIterator(byte_array[:17], **_kwargs()))
+    batch = next(pipeline.TrainIterator(byte_array[:17], **_kwargs()))
     assert np.all(batch["inputs"] == byte_array[:16])
 
 
@@ -351,8 +350,8 @@ def test_train_iterator_errors(byte_array: np.ndarray) -> None:
 def test_eval_windows_cover_split_once(num_bytes: int, seq_len: int) -> None:
     data = np.frombuffer(_random_bytes(num_bytes, seed=4), np.uint8)
     batch_size = 4
-    batches = list(input_pipeline.eval_batches(data, seq_len=seq_len, global_batch_size=batch_size))
-    assert len(batches) == input_pipeline.num_eval_batches(
+    batches = list(pipeline.eval_batches(data, seq_len=seq_len, global_batch_size=batch_size))
+    assert len(batches) == pipeline.num_eval_batches(
         num_bytes, seq_len=seq_len, global_batch_size=batch_size
     )
     num_windows = -(-(num_bytes - 1) // seq_len)
@@ -382,13 +381,13 @@ def test_eval_windows_cover_split_once(num_bytes: int, seq_len: int) -> None:
 def test_eval_max_batches_and_processes() -> None:
     data = np.frombuffer(_random_bytes(2_000, seed=5), np.uint8)
     kwargs = {"seq_len": 10, "global_batch_size": 6}
-    full = list(input_pipeline.eval_batches(data, **kwargs))
-    limited = list(input_pipeline.eval_batches(data, **kwargs, max_batches=2))
+    full = list(pipeline.eval_batches(data, **kwargs))
+    limited = list(pipeline.eval_batches(data, **kwargs, max_batches=2))
     assert len(limited) == 2 < len(full)
     for a, b in zip(limited, full[:2], strict=True):
         np.testing.assert_array_equal(a["inputs"], b["inputs"])
     parts = [
-        list(input_pipeline.eval_batches(data, **kwargs, process_index=p, process_count=3))
+        list(pipeline.eval_batches(data, **kwargs, process_index=p, process_count=3))
         for p in range(3)
     ]
     assert all(len(p) == len(full) for p in parts)
@@ -401,8 +400,8 @@ def test_eval_max_batches_and_processes() -> None:
 def test_eval_errors() -> None:
     data = np.zeros(100, np.uint8)
     with pytest.raises(ValueError, match="nothing to predict"):
-        list(input_pipeline.eval_batches(data[:1], seq_len=4, global_batch_size=2))
+        list(pipeline.eval_batches(data[:1], seq_len=4, global_batch_size=2))
     with pytest.raises(ValueError, match="not divisible"):
-        list(input_pipeline.eval_batches(data, seq_len=4, global_batch_size=3, process_count=2))
+        list(pipeline.eval_batches(data, seq_len=4, global_batch_size=3, process_count=2))
     with pytest.raises(ValueError, match="seq_len"):
-        list(input_pipeline.eval_batches(data, seq_len=0, global_batch_size=2))
+        list(pipeline.eval_batches(data, seq_len=0, global_batch_size=2))

@@ -18,15 +18,14 @@ import _train_utils as tu
 
 
 def get_config():
-    return tu.tiny_config(
-        data_dir={data_dir!r},
-        manual_dir={manual_dir!r},
+    return tu.tiny_config_dict(
+        data={{"data_dir": {data_dir!r}, "manual_dir": {manual_dir!r}}},
         num_train_steps=4,
         log_every_steps=1,
-        eval_every_steps=2,
-        checkpoint_every_steps=2,
-        sample_every_steps=4,
-        learning_rate=5e-3,
+        eval={{"every_steps": 2}},
+        checkpoint={{"every_steps": 2}},
+        sampling={{"every_steps": 4}},
+        optimizer={{"learning_rate": 5e-3}},
     )
 """
 

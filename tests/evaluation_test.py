@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
+
+import _train_utils as tu
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from megalodon_flax import MegalodonConfig, MegalodonLM
+from megalodon_flax.data.pipeline import eval_batches
 from megalodon_flax.evaluation import stream_eval, window_eval
+from megalodon_flax.training.setup import setup_training
 
 CONFIG = MegalodonConfig(
     vocab_size=256,
@@ -71,7 +76,13 @@ def test_window_eval_matches_independent_windows(model_and_params):
     model, params = model_and_params
     seq_len = 12
     data = np.random.default_rng(2).integers(0, 256, 100).astype(np.uint8)
-    result = window_eval(model, params, data, seq_len=seq_len, batch_size=3)
+    # The training setup's compiled eval step for this very model; the oracle below calls
+    # `model.apply` directly on each window.
+    config = tu.tiny_config(seq_len=seq_len, eval={"batch_size": 3})
+    setup = setup_training(dataclasses.replace(config, model=CONFIG))
+    assert setup.model == model
+    batches = eval_batches(data, seq_len=seq_len, global_batch_size=3)
+    result = window_eval(setup.eval_step, params, batches)
     expected, count = 0.0, 0
     for start in range(0, data.size - 1, seq_len):
         window = data[start : start + seq_len + 1]

@@ -20,10 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from megalodon_flax.config import MegalodonConfig, hf_compatible
-from megalodon_flax.convert import from_state_dict
-from megalodon_flax.model.cache import init_cache
-from megalodon_flax.model.megalodon import MegalodonLM
+from megalodon_flax.megalodon.cache import init_cache
+from megalodon_flax.megalodon.config import MegalodonConfig, hf_compatible
+from megalodon_flax.megalodon.convert import from_state_dict
+from megalodon_flax.megalodon.model import MegalodonLM
 
 ATOL = 1e-4
 SMALL = dict(

@@ -1,4 +1,4 @@
-"""Tests of jitted generation and sampling (megalodon_flax.inference).
+"""Tests of jitted generation and sampling (megalodon_flax.sampling).
 
 Oracles: the uncached full forward over the growing sequence (a second code path), float64
 NumPy implementations of the sampling filters, per-row generation for batching, and an
@@ -13,11 +13,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from megalodon_flax import inference
-from megalodon_flax.config import MegalodonConfig
-from megalodon_flax.inference import filter_logits, generate, lower_generate, sample_logits
-from megalodon_flax.model.cache import init_cache
-from megalodon_flax.model.megalodon import MegalodonLM
+from megalodon_flax import sampling
+from megalodon_flax.megalodon.cache import init_cache
+from megalodon_flax.megalodon.config import MegalodonConfig
+from megalodon_flax.megalodon.model import MegalodonLM
+from megalodon_flax.sampling import filter_logits, generate, lower_generate, sample_logits
 
 PROMPT_LEN = 10
 NEW_TOKENS = 64
@@ -154,14 +154,14 @@ def test_boxed_params_and_variables_dict_accepted(lm, greedy_run):
 def test_same_shapes_do_not_retrace(lm, monkeypatch):
     model, params, _ = lm
     traces = []
-    real_sample = inference._sample
+    real_sample = sampling._sample
 
     def counting_sample(*args, **kwargs):
         traces.append(1)  # runs only while the core is being traced
         return real_sample(*args, **kwargs)
 
-    monkeypatch.setattr(inference, "_sample", counting_sample)
-    core = inference._generate_core
+    monkeypatch.setattr(sampling, "_sample", counting_sample)
+    core = sampling._generate_core
     size0 = core._cache_size()
     kwargs = dict(temperature=0.7, top_p=0.9)
     generate(model, params, prompts(1, 5, seed=1), 3, jax.random.key(0), **kwargs)
@@ -402,7 +402,7 @@ def test_weights_cast_before_decoding_give_identical_logits(lm) -> None:
     on every call, so the logits are bit-identical (bf16 compute, fp32 storage)."""
     model, params, _ = lm
     bf16 = MegalodonLM(model.config.replace(compute_dtype="bfloat16"))
-    cast = inference._matmul_weights_in_compute_dtype(params, bf16.config)
+    cast = sampling._matmul_weights_in_compute_dtype(params, bf16.config)
     kinds = {path[-1].key: leaf.dtype for path, leaf in jax.tree_util.tree_leaves_with_path(cast)}
     assert kinds["kernel"] == jnp.bfloat16 and kinds["alpha"] == jnp.float32
     tokens = jax.random.randint(jax.random.key(7), (2, 40), 0, 64)
@@ -412,5 +412,5 @@ def test_weights_cast_before_decoding_give_identical_logits(lm) -> None:
     step_ref, _ = bf16.apply({"params": params}, tokens[:, :1], cache=ref_cache)
     step_out, _ = bf16.apply({"params": cast}, tokens[:, :1], cache=out_cache)
     np.testing.assert_array_equal(np.asarray(step_out), np.asarray(step_ref))
-    fp32 = inference._matmul_weights_in_compute_dtype(params, model.config)
+    fp32 = sampling._matmul_weights_in_compute_dtype(params, model.config)
     assert all(a is b for a, b in zip(jax.tree.leaves(fp32), jax.tree.leaves(params), strict=True))

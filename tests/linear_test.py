@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from megalodon_flax.model.linear import Linear, fused_linears
+from megalodon_flax.layers.linear import Linear, fused_linears
 
 
 class _Separate(nn.Module):

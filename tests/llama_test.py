@@ -2,7 +2,8 @@
 
 Oracles: a float64 NumPy forward written from the architecture's definition, the closed-form
 parameter count, perturbation of future tokens (causality), the uncached forward for cached
-decoding, and the tiny-run loop of the training system.
+decoding, each row run alone for a right-padded batch, and the tiny-run loop of the training
+system.
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from megalodon_flax import inference, models, sharding, train
-from megalodon_flax.config import ConfigError
-from megalodon_flax.llama import LlamaConfig, LlamaLM, init_llama_cache
-from megalodon_flax.model import count_params
+from megalodon_flax import families, sampling, sharding
+from megalodon_flax.config_base import ConfigError
+from megalodon_flax.llama import LlamaConfig, LlamaLM, init_cache, parameter_breakdown
+from megalodon_flax.megalodon import count_params
+from megalodon_flax.training import loop
+from megalodon_flax.training.config import TrainConfig
 
 
 def tiny_config(**overrides) -> LlamaConfig:
@@ -47,7 +50,7 @@ def test_enwik8_baseline_size_matches_the_closed_form() -> None:
     model = LlamaLM(config)
     shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))
     built = count_params(shapes["params"])
-    assert built == config.parameter_count() == 12_489_600
+    assert built == parameter_breakdown(config)["total"] == 12_489_600
     assert (config.model_dim, config.num_layers, config.num_heads, config.head_dim) == (
         384,
         6,
@@ -135,7 +138,7 @@ def test_cached_prefill_and_decode_equal_the_full_forward(tiny) -> None:
     model, params = tiny
     tokens = jax.random.randint(jax.random.key(4), (2, 20), 0, 64)
     full, _ = model.apply({"params": params}, tokens)
-    cache = init_llama_cache(model.config, 2, 20)
+    cache = init_cache(model.config, 2, 20)
     parts = []
     for lo, hi in ((0, 11), (11, 12), (12, 17), (17, 20)):
         logits, cache = model.apply({"params": params}, tokens[:, lo:hi], cache=cache)
@@ -144,10 +147,59 @@ def test_cached_prefill_and_decode_equal_the_full_forward(tiny) -> None:
     np.testing.assert_allclose(np.concatenate(parts, 1), np.asarray(full), atol=2e-5)
 
 
+def test_right_padded_batch_gives_the_unpadded_logits(tiny) -> None:
+    """With `attention_mask`, each row's valid positions equal the row run alone, unpadded."""
+    model, params = tiny
+    lengths = (20, 13, 1)
+    tokens = np.asarray(jax.random.randint(jax.random.key(6), (3, 20), 0, 64))
+    mask = np.arange(20)[None, :] < np.asarray(lengths)[:, None]
+    with jax.default_matmul_precision("highest"):
+        padded, cache = model.apply({"params": params}, tokens, attention_mask=mask)
+        assert cache is None and padded.shape == (3, 20, 64)
+        for row, n in enumerate(lengths):
+            alone, _ = model.apply({"params": params}, tokens[row : row + 1, :n])
+            np.testing.assert_allclose(
+                np.asarray(padded[row, :n]), np.asarray(alone[0]), atol=1e-5, rtol=1e-5
+            )
+        assert np.isfinite(np.asarray(padded)).all()
+        # An all-valid mask is no mask; an integer mask is read as booleans.
+        full, _ = model.apply({"params": params}, tokens)
+        ones, _ = model.apply({"params": params}, tokens, attention_mask=np.ones((3, 20), int))
+        np.testing.assert_allclose(np.asarray(ones), np.asarray(full), atol=1e-6)
+        as_int, _ = model.apply({"params": params}, tokens, attention_mask=mask.astype(np.int32))
+        np.testing.assert_array_equal(np.asarray(as_int), np.asarray(padded))
+
+        # Padded keys are never attended: changing the padding token at position 15 of row 1
+        # changes only position 15 itself (its own residual), not the later padded positions,
+        # which it would reach through attention without the mask.
+        changed = tokens.copy()
+        changed[1, 15] = (changed[1, 15] + 7) % 64
+        masked, _ = model.apply({"params": params}, changed, attention_mask=mask)
+        unmasked, _ = model.apply({"params": params}, changed)
+    masked, unmasked, padded = np.asarray(masked), np.asarray(unmasked), np.asarray(padded)
+    np.testing.assert_array_equal(masked[[0, 2]], padded[[0, 2]])
+    np.testing.assert_allclose(masked[1, :15], padded[1, :15], atol=1e-6)
+    np.testing.assert_allclose(masked[1, 16:], padded[1, 16:], atol=1e-6)
+    assert np.abs(masked[1, 15] - padded[1, 15]).max() > 1e-3
+    assert np.abs(unmasked[1, 16:] - np.asarray(full)[1, 16:]).max() > 1e-3
+
+
+def test_attention_mask_is_refused_with_a_cache_or_a_wrong_shape(tiny) -> None:
+    model, params = tiny
+    tokens = jnp.zeros((2, 5), jnp.int32)
+    cache = init_cache(model.config, 2, 8)
+    with pytest.raises(ValueError, match="cannot be combined with a cache"):
+        model.apply({"params": params}, tokens, cache=cache, attention_mask=jnp.ones((2, 5)))
+    with pytest.raises(ValueError, match=r"attention_mask shape \(2, 4\)"):
+        model.apply({"params": params}, tokens, attention_mask=jnp.ones((2, 4)))
+    with pytest.raises(TypeError):  # keyword-only after the tokens
+        model.apply({"params": params}, tokens, cache)
+
+
 def test_greedy_generation_equals_argmax_of_the_growing_forward(tiny) -> None:
     model, params = tiny
     prompt = jax.random.randint(jax.random.key(5), (2, 6), 0, 64)
-    new = inference.generate(model, params, prompt, 12, jax.random.key(0), temperature=0.0)
+    new = sampling.generate(model, params, prompt, 12, jax.random.key(0), temperature=0.0)
     sequence = np.asarray(prompt)
     for t in range(12):
         logits, _ = model.apply({"params": params}, sequence)
@@ -172,44 +224,56 @@ def test_invalid_config_values_raise(field, value, match) -> None:
         tiny_config(**{field: value, **kwargs})
 
 
-def _llama_training_config(tmp: Path, **overrides):
+LLAMA_MODEL = dict(vocab_size=256, model_dim=16, num_layers=1, num_heads=2, ffn_hidden_dim=32)
+
+
+def _llama_training_dict(tmp: Path, **overrides) -> dict:
+    """The tiny training config (a plain dict, as `config.json` holds) with a Llama model."""
     data_dir, manual_dir = tu.make_enwik8_dirs(tmp / "data")
-    config = tu.tiny_config(data_dir=data_dir, manual_dir=manual_dir, **overrides)
-    with config.unlocked():
-        config.model_family = "llama"
-        config.model = dict(
-            vocab_size=256, model_dim=16, num_layers=1, num_heads=2, ffn_hidden_dim=32
-        )
-    return config
+    config = tu.tiny_config_dict(data={"data_dir": data_dir, "manual_dir": manual_dir}, **overrides)
+    out = config.to_dict()
+    out["model_family"] = "llama"
+    out["model"] = dict(LLAMA_MODEL)
+    return out
 
 
 def test_training_config_family_selects_the_model(tmp_path: Path) -> None:
-    config = _llama_training_config(tmp_path)
-    assert isinstance(train.validate_config(config), LlamaConfig)
-    assert isinstance(models.build_model(train.validate_config(config)), LlamaLM)
-    config.eval_mode = "stream"
-    with pytest.raises(ConfigError, match="carried state"):
-        train.validate_config(config)
-    config.eval_mode = "window"
-    config.model_family = "gpt"
-    with pytest.raises(ConfigError, match="model_family"):
-        train.validate_config(config)
+    d = _llama_training_dict(tmp_path)
+    config = TrainConfig.from_mapping(d)
+    assert config.model == LlamaConfig(**LLAMA_MODEL)
+    assert isinstance(families.build_model(config.model), LlamaLM)
+    assert (
+        families.closed_form_parameter_count(config.model)
+        == parameter_breakdown(config.model)["total"]
+    )
+    d["eval"]["mode"] = "stream"
+    with pytest.raises(ConfigError, match=r"config.eval.mode='stream' needs .*carried state"):
+        TrainConfig.from_mapping(d)
+    d["eval"]["mode"] = "window"
+    d["model_family"] = "gpt"
+    with pytest.raises(ConfigError, match=r"config\.model_family must be one of"):
+        TrainConfig.from_mapping(d)
+    d["model_family"] = "llama"
+    d["model"]["z_dim"] = 8  # a Megalodon field
+    with pytest.raises(ConfigError, match=r"config.model: .*\['z_dim'\]"):
+        TrainConfig.from_mapping(d)
 
 
 def test_llama_trains_with_the_shared_loop(tmp_path: Path) -> None:
-    config = _llama_training_config(
-        tmp_path, num_train_steps=12, log_every_steps=4, eval_every_steps=12
+    d = _llama_training_dict(
+        tmp_path, num_train_steps=12, log_every_steps=4, eval={"every_steps": 12}
     )
+    config = TrainConfig.from_mapping(d)
     workdir = tmp_path / "run"
-    state = train.train_and_evaluate(config, str(workdir))
+    state = loop.train_and_evaluate(config, str(workdir))
     assert int(state.step) == 12
     loss = tu.read_scalars(workdir, "train_loss")
     assert sorted(loss) == [4, 8, 12] and loss[12] < loss[4] - 0.3
-    assert tu.read_scalars(workdir, "num_params") == {0: config_param_count(config)}
+    # The count written out for this model: V·D + L·(4·D² + 3·D·F + 2·D) + D.
+    v, dim, layers, f = 256, 16, 1, 32
+    expected = v * dim + layers * (4 * dim * dim + 3 * dim * f + 2 * dim) + dim
+    assert tu.read_scalars(workdir, "num_params") == {0: expected}
+    assert parameter_breakdown(config.model)["total"] == expected
     assert sorted(tu.read_scalars(workdir, "eval_bits_per_byte")) == [12]
     samples = tu.read_texts(workdir)
-    assert samples and all(s.startswith(config.sample_prompt) for s in samples.values())
-
-
-def config_param_count(config) -> int:
-    return LlamaConfig.from_mapping(config.model).parameter_count()
+    assert samples and all(s.startswith(config.sampling.prompt) for s in samples.values())

@@ -28,10 +28,10 @@ import equinox as eqx  # noqa: E402  (installed with megalodon-jax)
 import mjax_weights  # noqa: E402
 from megalodon_jax.checkpoint import model_state_dict  # noqa: E402
 
-from megalodon_flax.config import MegalodonConfig  # noqa: E402
-from megalodon_flax.model.attention import ring_entries  # noqa: E402
-from megalodon_flax.model.cache import init_cache  # noqa: E402
-from megalodon_flax.model.megalodon import MegalodonLM  # noqa: E402
+from megalodon_flax.megalodon.cache import init_cache  # noqa: E402
+from megalodon_flax.megalodon.chunked_attention import ring_entries  # noqa: E402
+from megalodon_flax.megalodon.config import MegalodonConfig  # noqa: E402
+from megalodon_flax.megalodon.model import MegalodonLM  # noqa: E402
 
 ATOL = 1e-4
 BATCH = 2

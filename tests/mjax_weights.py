@@ -24,7 +24,7 @@ import numpy as np
 from megalodon_jax import MegalodonConfig as MjaxConfig
 from megalodon_jax import MegalodonForCausalLM
 
-from megalodon_flax.config import MegalodonConfig
+from megalodon_flax.megalodon.config import MegalodonConfig
 
 _ATTN_LINEARS = ("wz", "wv", "wr", "wh1", "wh2")
 _FFN_LINEARS = ("fc1", "fc2", "fc3")

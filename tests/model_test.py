@@ -17,9 +17,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from megalodon_flax.config import ConfigError, MegalodonConfig
-from megalodon_flax.model import MegalodonLM, ModelCache, init_cache
-from megalodon_flax.model.attention import ring_entries
+from megalodon_flax.config_base import ConfigError
+from megalodon_flax.megalodon import MegalodonLM, ModelCache, init_cache
+from megalodon_flax.megalodon.chunked_attention import ring_entries
+from megalodon_flax.megalodon.config import MegalodonConfig
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -116,7 +117,7 @@ def stream(
     cache = init_cache(cfg, tokens.shape[0])
     outputs, caches, start = [], [], 0
     for size in sizes:
-        logits, cache = apply(variables, tokens[:, start : start + size], cache)
+        logits, cache = apply(variables, tokens[:, start : start + size], cache=cache)
         outputs.append(np.asarray(logits))
         caches.append(cache)
         start += size
@@ -260,7 +261,7 @@ def test_fresh_prefill_with_return_cache(prefill: int) -> None:
     assert _abstract(cache) == _abstract(init_cache(TINY, BATCH))
     outputs = [np.asarray(logits)]
     for t in range(prefill, LENGTH):
-        step, cache = apply(variables, tokens[:, t : t + 1], cache)
+        step, cache = apply(variables, tokens[:, t : t + 1], cache=cache)
         outputs.append(np.asarray(step))
     np.testing.assert_allclose(
         np.concatenate(outputs, axis=1), reference_logits(TINY), atol=1e-4, rtol=1e-4
@@ -322,7 +323,7 @@ def test_mask_with_cache_is_rejected() -> None:
         MegalodonLM(TINY).apply(
             random_params(TINY),
             tokens,
-            init_cache(TINY, BATCH),
+            cache=init_cache(TINY, BATCH),
             attention_mask=jnp.ones(tokens.shape, bool),
         )
 
@@ -575,7 +576,7 @@ def test_bfloat16_streaming_state_dtypes() -> None:
     params = jax.tree.map(lambda p, s: p.astype(s.dtype), random_params(TINY), shapes)
     tokens = tokens_for(TINY)[:, :13]
     fresh = init_cache(cfg, BATCH)
-    logits, cache = jitted_apply(cfg)(params, tokens, fresh)
+    logits, cache = jitted_apply(cfg)(params, tokens, cache=fresh)
     assert logits.dtype == jnp.float32
     assert _abstract(cache) == _abstract(fresh)
     for layer in cache.layers:

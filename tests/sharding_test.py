@@ -11,7 +11,10 @@ import numpy as np
 import pytest
 from jax.sharding import AbstractMesh, AxisType
 
-from megalodon_flax import checkpointing, input_pipeline, sharding, train
+from megalodon_flax import sharding
+from megalodon_flax.data import pipeline
+from megalodon_flax.training import checkpointing
+from megalodon_flax.training.setup import setup_training
 
 
 # ------------------------------------------------------------------------------ mesh shapes
@@ -107,7 +110,7 @@ def test_distributed_args_from_flags_and_environment() -> None:
 
 def test_global_train_batch_groups_rows_into_micro_batches() -> None:
     """Row r of the effective batch is row r // A of micro-batch r % A."""
-    setup = train.setup_training(tu.tiny_config(batch_size=2, grad_accum_steps=3))
+    setup = setup_training(tu.tiny_config(batch_size=2, grad_accum_steps=3))
     rows = np.arange(6 * 16, dtype=np.int32).reshape(6, 16)
     batch = setup.global_train_batch({"inputs": rows, "targets": rows, "weights": rows * 1.0})
     got = np.asarray(batch["inputs"])
@@ -118,11 +121,14 @@ def test_global_train_batch_groups_rows_into_micro_batches() -> None:
 
 # --------------------------------------------------------------------- 8 simulated devices
 _MESH_CHILD = """
+import dataclasses
 import json
 import numpy as np
 import jax
 import _train_utils as tu
-from megalodon_flax import checkpointing, input_pipeline, train
+from megalodon_flax.data import pipeline
+from megalodon_flax.training import checkpointing
+from megalodon_flax.training.setup import setup_training
 
 jax.config.update("jax_default_matmul_precision", "highest")
 assert jax.device_count() == 8
@@ -130,9 +136,13 @@ config = tu.config_from_json({config!r})
 data = np.frombuffer(bytes.fromhex({data!r}), np.uint8)
 out = {{}}
 
+
+def with_mesh(shape):
+    return dataclasses.replace(config, mesh=dataclasses.replace(config.mesh, shape=shape))
+
+
 # 1 device -> 8 devices: restore the parent's checkpoint onto a 2x1x4 mesh.
-config.mesh_shape = (2, 1, 4)
-setup = train.setup_training(config)
+setup = setup_training(with_mesh((2, 1, 4)))
 manager = checkpointing.create_manager({one_dev_dir!r}, max_to_keep=2)
 step, state, _ = checkpointing.restore_latest(manager, setup.abstract_state, {{}})
 manager.close()
@@ -145,11 +155,10 @@ emb = state.params["model"]["embed"]["embedding"]
 out["restored_sharded"] = [list(tuple(emb.sharding.spec)), len(emb.addressable_shards)]
 
 for shape in [(8, 1, 1), (2, 4, 1), (2, 1, 4)]:
-    config.mesh_shape = shape
-    setup = train.setup_training(config)
+    setup = setup_training(with_mesh(shape))
     assert dict(setup.mesh.shape) == dict(zip(("data", "fsdp", "tensor"), shape))
     state = setup.init_state()
-    it = input_pipeline.TrainIterator(
+    it = pipeline.TrainIterator(
         data, seq_len=config.seq_len, global_batch_size=config.batch_size, seed=4
     )
     losses, norms = [], []
@@ -182,15 +191,15 @@ def _flat_numpy(state) -> dict[str, np.ndarray]:
 
 @pytest.mark.slow
 def test_meshes_match_one_device_and_checkpoints_move_between_them(tmp_path: Path) -> None:
-    config = tu.tiny_config(batch_size=8, learning_rate=5e-3)
+    config = tu.tiny_config(batch_size=8, optimizer={"learning_rate": 5e-3})
     data = np.random.default_rng(9).integers(0, 256, 5000, dtype=np.uint8)
 
     # Reference on this process's single device.
     with jax.default_matmul_precision("highest"):
-        setup = train.setup_training(config)
+        setup = setup_training(config)
         assert jax.device_count() == 1 and setup.mesh.size == 1
         state = setup.init_state()
-        it = input_pipeline.TrainIterator(data, seq_len=16, global_batch_size=8, seed=4)
+        it = pipeline.TrainIterator(data, seq_len=16, global_batch_size=8, seed=4)
         ref_loss, ref_norm = [], []
         for _ in range(3):
             state, m = setup.train_step(state, next(it))

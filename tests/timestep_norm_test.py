@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from megalodon_flax.model.timestep_norm import (
+from megalodon_flax.megalodon.timestep_norm import (
     NormState,
     TimestepNorm,
     timestep_norm_statistics,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -16,7 +17,11 @@ import numpy as np
 import optax
 import pytest
 
-from megalodon_flax import input_pipeline, losses, models, train
+from megalodon_flax import evaluation, families
+from megalodon_flax.data import enwik8, pipeline
+from megalodon_flax.training import loop, metrics, optimizer
+from megalodon_flax.training.setup import TrainingSetup, setup_training
+from megalodon_flax.training.steps import create_train_state
 
 
 def _np_log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -30,22 +35,31 @@ def _np_cross_entropy(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
     return -np.take_along_axis(logp, targets[..., None].astype(np.int64), -1)[..., 0]
 
 
+def _eval_batches(config, data: np.ndarray):
+    """Evaluation batches of `config.eval.batch_size` rows (what the training loop feeds)."""
+    num = config.eval.num_batches
+    return pipeline.eval_batches(
+        data,
+        seq_len=config.seq_len,
+        global_batch_size=config.eval.batch_size,
+        max_batches=None if num == -1 else num,
+    )
+
+
 def _random_batch(seed: int, rows: int, seq_len: int) -> dict[str, np.ndarray]:
     data = np.random.default_rng(seed).integers(0, 256, 5000, dtype=np.uint8)
-    return input_pipeline.train_batch(data, 0, seq_len=seq_len, global_batch_size=rows, seed=seed)
+    return pipeline.train_batch(data, 0, seq_len=seq_len, global_batch_size=rows, seed=seed)
 
 
 # ------------------------------------------------------------------------------ schedules
 @pytest.mark.parametrize("kind", ["cosine", "linear", "rsqrt", "constant"])
 def test_learning_rate_schedule_matches_float64_formula(kind: str) -> None:
     config = tu.tiny_config(
-        lr_schedule=kind,
-        learning_rate=4e-4,
-        warmup_steps=10,
+        schedule={"kind": kind, "warmup_steps": 10, "min_lr_ratio": 0.1},
+        optimizer={"learning_rate": 4e-4},
         num_train_steps=110,
-        min_lr_ratio=0.1,
     )
-    fn = train.create_learning_rate_fn(config)
+    fn = optimizer.create_learning_rate_fn(config)
     peak, warmup, total, floor = 4e-4, 10, 110, 0.1
     for step in [0, 1, 4, 9, 10, 11, 35, 60, 109, 110, 150]:
         if step < warmup:
@@ -66,7 +80,8 @@ def test_learning_rate_schedule_matches_float64_formula(kind: str) -> None:
 
 
 def test_constant_schedule_without_warmup_is_flat() -> None:
-    fn = train.create_learning_rate_fn(tu.tiny_config(lr_schedule="constant", warmup_steps=0))
+    config = tu.tiny_config(schedule={"kind": "constant", "warmup_steps": 0})
+    fn = optimizer.create_learning_rate_fn(config)
     values = np.array([float(fn(s)) for s in range(0, 50, 7)])
     np.testing.assert_array_equal(values, np.float32(1e-2))
 
@@ -79,27 +94,29 @@ def test_weighted_loss_matches_numpy_and_ignores_padding() -> None:
     weights = (rng.random((3, 7)) > 0.3).astype(np.float32)
     logits_bad = logits.copy()
     logits_bad[weights == 0] = np.nan  # padded positions may hold anything
-    total, count, per_token = losses.weighted_loss_sum(
+    total, count, per_token = metrics.weighted_loss_sum(
         jnp.asarray(logits_bad), jnp.asarray(targets), jnp.asarray(weights)
     )
     want = _np_cross_entropy(logits, targets)
     np.testing.assert_allclose(float(total), (want * weights).sum(), rtol=1e-6)
     assert float(count) == weights.sum()
     np.testing.assert_allclose(np.asarray(per_token)[weights > 0], want[weights > 0], rtol=1e-5)
-    assert losses.nats_to_bits(math.log(256)) == pytest.approx(8.0)
+    assert metrics.nats_to_bits(math.log(256)) == pytest.approx(8.0)
 
 
 # --------------------------------------------------------------------------- optimizer
 def test_weight_decay_mask_matrices_skips_vectors() -> None:
-    config = tu.tiny_config(weight_decay=0.5, weight_decay_mask="matrices", grad_clip_norm=0.0)
-    tx = train.create_optimizer(config, lambda step: 0.1)
+    config = tu.tiny_config(
+        optimizer={"weight_decay": 0.5, "weight_decay_mask": "matrices", "grad_clip_norm": 0.0}
+    ).optimizer
+    tx = optimizer.create_optimizer(config, lambda step: 0.1)
     params = {"w": jnp.ones((2, 3)), "b": jnp.ones((3,))}
     zeros = jax.tree.map(jnp.zeros_like, params)
     updates, _ = tx.update(zeros, tx.init(params), params)
     np.testing.assert_allclose(np.asarray(updates["w"]), -0.1 * 0.5, rtol=1e-6)
     np.testing.assert_array_equal(np.asarray(updates["b"]), 0.0)
-    config.weight_decay_mask = "all"
-    tx = train.create_optimizer(config, lambda step: 0.1)
+    config = dataclasses.replace(config, weight_decay_mask="all")
+    tx = optimizer.create_optimizer(config, lambda step: 0.1)
     updates, _ = tx.update(zeros, tx.init(params), params)
     np.testing.assert_allclose(np.asarray(updates["b"]), -0.1 * 0.5, rtol=1e-6)
 
@@ -109,34 +126,31 @@ def test_gradient_clipping_applies_before_adamw() -> None:
     grads = {"w": jnp.array([30.0, 40.0, 0.0])}  # global norm 50
     params = {"w": jnp.zeros((3,))}
     for clip, g in ((1.0, np.array([0.6, 0.8, 0.0])), (0.0, np.array([30.0, 40.0, 0.0]))):
-        config = tu.tiny_config(grad_clip_norm=clip, weight_decay=0.0, adam_eps=1.0)
-        tx = train.create_optimizer(config, lambda step: 1.0)
+        config = tu.tiny_config(
+            optimizer={"grad_clip_norm": clip, "weight_decay": 0.0, "adam_eps": 1.0}
+        )
+        tx = optimizer.create_optimizer(config.optimizer, lambda step: 1.0)
         updates, _ = tx.update(grads, tx.init(params), params)
         np.testing.assert_allclose(np.asarray(updates["w"]), -g / (np.abs(g) + 1.0), rtol=1e-6)
 
 
 # ------------------------------------------------------------------------------ train step
 SHARED_CONFIG = dict(
-    weight_decay=0.1,
-    grad_clip_norm=0.5,
-    learning_rate=3e-3,
-    eval_batch_size=4,
-    num_eval_batches=-1,
-    sample_temperature=0.0,
-    sample_prompt="ab",
-    sample_length=5,
+    optimizer={"weight_decay": 0.1, "grad_clip_norm": 0.5, "learning_rate": 3e-3},
+    eval={"batch_size": 4, "num_batches": -1},
+    sampling={"temperature": 0.0, "prompt": "ab", "length": 5},
 )
 
 
 @pytest.fixture(scope="module")
-def shared() -> train.TrainingSetup:
+def shared() -> TrainingSetup:
     """One compiled setup reused by the step, evaluation and sampling tests."""
     with jax.default_matmul_precision("highest"):
-        return train.setup_training(tu.tiny_config(**SHARED_CONFIG))
+        return setup_training(tu.tiny_config(**SHARED_CONFIG))
 
 
 @pytest.fixture(scope="module")
-def apply_fn(shared: train.TrainingSetup):
+def apply_fn(shared: TrainingSetup):
     """Jitted forward pass, the independent path of the oracles below."""
     with jax.default_matmul_precision("highest"):
         fn = jax.jit(lambda params, tokens: shared.model.apply({"params": params}, tokens)[0])
@@ -150,8 +164,8 @@ def test_train_step_matches_independent_gradient_and_adamw(shared, apply_fn) -> 
         params0 = jax.device_get(state.params)
         opt0 = jax.device_get(state.opt_state)
         batch = _random_batch(1, config.batch_size, config.seq_len)
-        state, metrics = shared.train_step(state, batch)
-        result = jax.device_get(metrics.compute())
+        state, step_metrics = shared.train_step(state, batch)
+        result = jax.device_get(step_metrics.compute())
 
         # Second path: plain mean loss, jax.grad, the optimizer applied by hand.
         @jax.jit
@@ -186,7 +200,7 @@ def test_train_step_compiles_once(shared) -> None:
     """After the first step, further steps and evaluations add no compiled programs."""
     config = shared.config
     data = np.random.default_rng(0).integers(0, 256, 3000, dtype=np.uint8)
-    it = input_pipeline.TrainIterator(
+    it = pipeline.TrainIterator(
         data, seq_len=config.seq_len, global_batch_size=config.batch_size, seed=0
     )
     with jax.default_matmul_precision("highest"):  # the context of the other tests
@@ -203,16 +217,18 @@ def test_train_step_compiles_once(shared) -> None:
         assert before == after
         assert int(state.step) == 5
         for _ in range(2):
-            train.evaluate(shared.eval_step, state.params, train.eval_batches(config, data[:200]))
+            evaluation.window_eval(
+                shared.eval_step, state.params, _eval_batches(config, data[:200])
+            )
         assert shared.p_eval_step._cache_size() == 1
 
 
 def _run_steps(config, steps: int) -> tuple[list[float], list[float], dict]:
     with jax.default_matmul_precision("highest"):
-        setup = train.setup_training(config)
+        setup = setup_training(config)
         state = setup.init_state()
         data = np.random.default_rng(5).integers(0, 256, 4000, dtype=np.uint8)
-        it = input_pipeline.TrainIterator(
+        it = pipeline.TrainIterator(
             data,
             seq_len=config.seq_len,
             global_batch_size=config.batch_size * config.grad_accum_steps,
@@ -254,7 +270,7 @@ def test_evaluate_matches_per_window_float64_oracle(shared, apply_fn) -> None:
     state = shared.init_state()
     data = np.random.default_rng(2).integers(0, 256, 16 * 5 + 7, dtype=np.uint8)
     with jax.default_matmul_precision("highest"):
-        got = train.evaluate(shared.eval_step, state.params, train.eval_batches(config, data))
+        got = evaluation.window_eval(shared.eval_step, state.params, _eval_batches(config, data))
         params = jax.device_get(state.params)
         nll = []
         for start in range(0, len(data) - 1, 16):
@@ -264,14 +280,15 @@ def test_evaluate_matches_per_window_float64_oracle(shared, apply_fn) -> None:
             nll.append(_np_cross_entropy(np.asarray(logits)[0], window[1:]))
     nll = np.concatenate(nll)
     assert nll.size == len(data) - 1
-    assert got["loss"] == pytest.approx(nll.mean(), rel=1e-5)
-    assert got["bits_per_byte"] == pytest.approx(nll.mean() / math.log(2), rel=1e-5)
+    assert got.num_tokens == nll.size
+    assert got.loss == pytest.approx(nll.mean(), rel=1e-5)
+    assert got.bits_per_byte == pytest.approx(nll.mean() / math.log(2), rel=1e-5)
 
 
 # -------------------------------------------------------------------------------- sampling
 def test_text_sample_is_greedy_continuation_of_the_prompt(shared, apply_fn) -> None:
     state = shared.init_state()
-    text = train.generate_sample(shared, state.params, step=3)
+    text = loop.generate_sample(shared, state.params, step=3)
     params = jax.device_get(state.params)
     tokens = [ord("a"), ord("b")] + [0] * 5
     for t in range(2, 7):  # oracle: argmax of a full recomputation, no cache
@@ -283,27 +300,26 @@ def test_text_sample_is_greedy_continuation_of_the_prompt(shared, apply_fn) -> N
 # ---------------------------------------------------------------------------- end to end
 def _e2e_config(tmp: Path, **overrides):
     data_dir, manual_dir = tu.make_enwik8_dirs(tmp / "data")
-    return tu.tiny_config(data_dir=data_dir, manual_dir=manual_dir, **overrides)
+    return tu.tiny_config(data={"data_dir": data_dir, "manual_dir": manual_dir}, **overrides)
 
 
 def test_train_and_evaluate_end_to_end_and_resume(tmp_path: Path, caplog) -> None:
     config = _e2e_config(
         tmp_path,
         num_train_steps=12,
-        learning_rate=1e-2,
+        optimizer={"learning_rate": 1e-2},
         log_every_steps=2,
-        eval_every_steps=6,
-        checkpoint_every_steps=6,
-        sample_every_steps=6,
-        profile_num_steps=2,
-        profile_first_step=3,
+        eval={"every_steps": 6},
+        checkpoint={"every_steps": 6},
+        sampling={"every_steps": 6},
+        profile={"num_steps": 2, "first_step": 3},
     )
     workdir = tmp_path / "run"
     jax.config.update("jax_log_compiles", True)
     try:
         with caplog.at_level(logging.WARNING):
             start = time.perf_counter()
-            state = train.train_and_evaluate(config, str(workdir))
+            state = loop.train_and_evaluate(config, str(workdir))
             wall_time = time.perf_counter() - start
     finally:
         jax.config.update("jax_log_compiles", False)
@@ -336,13 +352,13 @@ def test_train_and_evaluate_end_to_end_and_resume(tmp_path: Path, caplog) -> Non
     for step in speed:
         assert speed[step] * step_time[step] == pytest.approx(tokens_per_step, rel=1e-4)
     assert min(tu.read_scalars(workdir, "peak_memory_mb").values()) > 10  # MiB, host RSS on CPU
-    expected_params = models.closed_form_parameter_count(train.validate_config(config))
+    expected_params = families.closed_form_parameter_count(config.model)
     assert tu.read_scalars(workdir, "num_params") == {0: expected_params}
     bpb = tu.read_scalars(workdir, "train_bits_per_byte")
     assert bpb[12] == pytest.approx(loss[12] / math.log(2), rel=1e-5)
     samples = tu.read_texts(workdir)
     assert sorted(samples) == [6, 12]
-    assert all(s.startswith(config.sample_prompt) for s in samples.values())
+    assert all(s.startswith(config.sampling.prompt) for s in samples.values())
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["12", "6"]
     hparams = tu.read_hparams(workdir)
     assert hparams["seq_len"] == 16 and hparams["model.model_dim"] == 16
@@ -354,9 +370,9 @@ def test_train_and_evaluate_end_to_end_and_resume(tmp_path: Path, caplog) -> Non
     assert '"num_train_steps": 12' in saved and '"seq_len": 16' in saved
 
     # Rerunning with more steps resumes from step 12 (no step before 13 is trained again).
-    config.num_train_steps = 14
+    config = dataclasses.replace(config, num_train_steps=14)
     runs_before = len(tu.event_files(workdir))
-    state = train.train_and_evaluate(config, str(workdir))
+    state = loop.train_and_evaluate(config, str(workdir))
     assert int(state.step) == 14
     rerun_files = tu.event_files(workdir)[runs_before:]
     assert sorted(tu.read_scalars(workdir, "train_loss", rerun_files)) == [14]
@@ -366,28 +382,24 @@ def test_train_and_evaluate_end_to_end_and_resume(tmp_path: Path, caplog) -> Non
 
 
 def test_fallback_to_bundled_sample_when_offline(tmp_path: Path, monkeypatch) -> None:
-    from megalodon_flax.data import enwik8
-
     monkeypatch.setattr(enwik8, "host_reachable", lambda *a, **k: False)
-    config = tu.tiny_config(data_dir=str(tmp_path / "tfds"), manual_dir=str(tmp_path / "none"))
-    splits = train.load_data(config)
+    data_dir, manual_dir = str(tmp_path / "tfds"), str(tmp_path / "none")
+    splits = enwik8.load_enwik8_splits(data_dir, manual_dir, allow_sample_fallback=True)
+    assert splits.is_sample
     with zipfile.ZipFile(tu.SAMPLE_ZIP) as zf:
         raw = np.frombuffer(zf.read("enwik8"), np.uint8)
     joined = np.concatenate([splits["train"], splits["validation"], splits["test"]])
     np.testing.assert_array_equal(joined, raw)
-    config.allow_sample_fallback = False
     with pytest.raises(enwik8.Enwik8UnavailableError, match=r"enwik8\.zip"):
-        train.load_data(config)
+        enwik8.load_enwik8_splits(data_dir, manual_dir, allow_sample_fallback=False)
 
 
 def test_state_shardings_follow_logical_rules() -> None:
-    setup = train.setup_training(tu.tiny_config())
+    setup = setup_training(tu.tiny_config())
     emb = setup.state_shardings.params["model"]["embed"]["embedding"]
     assert tuple(emb.spec) == ("tensor", "fsdp")
     mu = setup.state_shardings.opt_state[1][0].mu["model"]["embed"]["embedding"]
     assert tuple(mu.spec) == ("tensor", "fsdp")
     assert tuple(setup.train_batch_sharding.spec) == (None, ("data", "fsdp"), None)
-    boxed = jax.eval_shape(
-        lambda: train.create_train_state(jax.random.PRNGKey(0), setup.model, setup.tx)
-    )
+    boxed = jax.eval_shape(lambda: create_train_state(jax.random.PRNGKey(0), setup.model, setup.tx))
     assert isinstance(boxed.params["model"]["embed"]["embedding"], nn.LogicallyPartitioned)

@@ -21,6 +21,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
+import jax
 import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
@@ -345,6 +346,7 @@ def load_enwik8_splits(
 ) -> Enwik8Data:
     """Prepares enwik8 if needed and returns each split as one contiguous uint8 array.
 
+    In a multi-process run process 0 prepares the dataset first; the others then read it.
     Uses `manual_dir/enwik8.zip` or else the canonical download. Offline and without the
     manual file it fails within seconds, or, when `allow_sample_fallback`, falls back (with a
     loud warning) to the bundled sample, built under its own config `sample`.
@@ -360,6 +362,21 @@ def load_enwik8_splits(
     Raises:
         Enwik8UnavailableError: If the full file is unavailable and fallback is not allowed.
     """
+    if jax.process_count() == 1:
+        return _load_splits(data_dir, manual_dir, allow_sample_fallback)
+    # Several processes: process 0 builds the dataset first, the others then read it.
+    from jax.experimental import multihost_utils
+
+    data = None
+    if jax.process_index() == 0:
+        data = _load_splits(data_dir, manual_dir, allow_sample_fallback)
+    multihost_utils.sync_global_devices("enwik8 prepared")
+    return data if data is not None else _load_splits(data_dir, manual_dir, allow_sample_fallback)
+
+
+def _load_splits(
+    data_dir: epath.PathLike | None, manual_dir: epath.PathLike | None, allow_sample_fallback: bool
+) -> Enwik8Data:
     try:
         builder = prepare("full", data_dir, manual_dir)
     except Enwik8UnavailableError as err:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from megalodon_flax.config import ConfigError, MappingConfig
+from megalodon_flax.config_base import ConfigError, MappingConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -13,8 +13,8 @@ class LlamaConfig(MappingConfig):
     """Hyper-parameters of the Llama baseline (pre-norm RMSNorm, RoPE, SwiGLU, tied head).
 
     The enwik8 defaults (dim 384, 6 layers, 6 heads of 64, FFN hidden 1280) give
-    12,489,600 parameters (`parameter_count`); the reference comparison reports 12,489,792
-    for its Llama.
+    12,489,600 parameters (`llama.param_count.parameter_breakdown`); the reference
+    comparison reports 12,489,792 for its Llama.
 
     Attributes:
       vocab_size: embedding rows, also the width of the tied LM head.
@@ -78,9 +78,3 @@ class LlamaConfig(MappingConfig):
     def output_width(self) -> int:
         """LM-head width (the tied embedding's rows)."""
         return self.vocab_size
-
-    def parameter_count(self) -> int:
-        """Closed-form parameter count: embedding, per block 4·D² + 3·D·F + 2·D, final norm."""
-        d, f = self.model_dim, self.ffn_hidden_dim
-        per_block = 4 * d * d + 3 * d * f + 2 * d
-        return self.vocab_size * d + self.num_layers * per_block + d

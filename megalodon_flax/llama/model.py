@@ -7,61 +7,27 @@ accumulate in float32.
 
 For decoding, `LlamaLM` takes an explicit `LlamaCache` of fixed capacity: a call with L
 tokens writes their keys and values at positions [length, length + L) and attends to every
-filled position up to its own.
+filled position up to its own. Without a cache, `attention_mask` (B, L) marks the valid
+(right-padded) tokens; padded keys are never attended.
 """
 
 from __future__ import annotations
 
 import flax.linen as nn
-import flax.struct
 import jax
 import jax.numpy as jnp
 
+from megalodon_flax.layers.attention import masked_attention
+from megalodon_flax.layers.linear import Linear
+from megalodon_flax.layers.norms import RMSNorm
+from megalodon_flax.layers.rotary import apply_rope, rope_frequencies
+from megalodon_flax.llama.cache import LayerKV, LlamaCache
 from megalodon_flax.llama.config import LlamaConfig
-from megalodon_flax.model.attention import masked_attention
-from megalodon_flax.model.linear import Linear
-from megalodon_flax.model.norms import rms_normalize
-from megalodon_flax.model.rotary import apply_rope, rope_frequencies
 
 
-@flax.struct.dataclass
-class LayerKV:
-    """Keys and values of one layer: each (B, T, H, Dh) in the compute dtype."""
-
-    keys: jax.Array
-    values: jax.Array
-
-
-@flax.struct.dataclass
-class LlamaCache:
-    """Decode state: per-layer KV buffers of capacity T and the number of filled positions."""
-
-    layers: tuple[LayerKV, ...]
-    length: jax.Array  # () int32
-
-
-def init_llama_cache(config: LlamaConfig, batch_size: int, capacity: int) -> LlamaCache:
-    """An empty cache holding up to `capacity` positions per row."""
-    shape = (batch_size, capacity, config.num_heads, config.head_dim)
-    zeros = jnp.zeros(shape, config.compute_jnp_dtype)
-    return LlamaCache(
-        layers=tuple(LayerKV(zeros, zeros) for _ in range(config.num_layers)),
-        length=jnp.zeros((), jnp.int32),
-    )
-
-
-class RMSNorm(nn.Module):
-    """x · rsqrt(mean(x²) + eps) · scale over the last axis, float32, scale initialized 1."""
-
-    eps: float = 1e-5
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """x (..., D) → float32 (..., D)."""
-        scale = self.param(
-            "scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)), (x.shape[-1],)
-        )
-        return rms_normalize(x, self.eps) * scale
+def _rms_norm(config: LlamaConfig, name: str) -> RMSNorm:
+    """RMSNorm storing its scale directly (`scale`, initialized 1)."""
+    return RMSNorm(config.norm_eps, param_name="scale", offset=0.0, name=name)
 
 
 def _linear(config: LlamaConfig, name: str, features: int, axes: tuple[str, str]) -> Linear:
@@ -88,9 +54,12 @@ class LlamaAttention(nn.Module):
         positions: jax.Array,
         kv: LayerKV | None,
         start: jax.Array | None,
+        key_valid: jax.Array | None,
         deterministic: bool,
     ) -> tuple[jax.Array, LayerKV | None]:
         """x (B, L, D), positions (L,) → (B, L, D) and the updated KV buffers.
+
+        `key_valid` (B, L) bool, without `kv` only: False keys are never attended.
 
         Without `kv`, position i attends to positions ≤ i of this call. With `kv` (capacity T)
         the call's keys and values are written at [start, start + L) and query i attends to
@@ -120,11 +89,13 @@ class LlamaAttention(nn.Module):
             values = jax.lax.dynamic_update_slice(kv.values, v, index)
             kv = LayerKV(keys, values)
             key_positions = jnp.arange(keys.shape[1], dtype=positions.dtype)
-        causal = key_positions[None, :] <= positions[:, None]  # (L, T), broadcast over (B, H)
+        allowed = key_positions[None, :] <= positions[:, None]  # (L, T), broadcast over (B, H)
+        if key_valid is not None:
+            allowed = allowed & key_valid[:, None, None, :]  # (B, 1, L, L)
         prob_dropout = None
         if cfg.attention_dropout > 0.0 and not deterministic:
             prob_dropout = nn.Dropout(cfg.attention_dropout, deterministic=False)
-        out = masked_attention(q, keys, values, causal, cd, prob_dropout)  # (B, L, H, Dh)
+        out = masked_attention(q, keys, values, allowed, cd, prob_dropout)  # (B, L, H, Dh)
         out = out.reshape(batch, length, width)
         return _linear(cfg, "wo", cfg.model_dim, ("value", "embed"))(out), kv
 
@@ -157,16 +128,19 @@ class LlamaBlock(nn.Module):
         positions: jax.Array,
         kv: LayerKV | None,
         start: jax.Array | None,
+        key_valid: jax.Array | None = None,
         deterministic: bool = True,
     ) -> tuple[jax.Array, LayerKV | None]:
         """x (B, L, D) → (B, L, D) in the compute dtype and the updated KV buffers."""
         cfg = self.config
         cd = cfg.compute_jnp_dtype
         drop = nn.Dropout(cfg.dropout)
-        h = RMSNorm(cfg.norm_eps, name="attention_norm")(x).astype(cd)
-        h, kv = LlamaAttention(cfg, name="attention")(h, positions, kv, start, deterministic)
+        h = _rms_norm(cfg, "attention_norm")(x).astype(cd)
+        h, kv = LlamaAttention(cfg, name="attention")(
+            h, positions, kv, start, key_valid, deterministic
+        )
         x = x + drop(h, deterministic=deterministic)
-        h = RMSNorm(cfg.norm_eps, name="ffn_norm")(x).astype(cd)
+        h = _rms_norm(cfg, "ffn_norm")(x).astype(cd)
         x = x + drop(SwiGLU(cfg, name="ffn")(h), deterministic=deterministic)
         return nn.with_logical_constraint(x, ("batch", "length", "act_embed")), kv
 
@@ -174,8 +148,9 @@ class LlamaBlock(nn.Module):
 class LlamaLM(nn.Module):
     """The causal LM: embedding, blocks, final RMSNorm, head tied to the embedding.
 
-    The call signature matches `MegalodonLM` where the two overlap, so the training loop,
-    window evaluation and `inference.generate` drive both.
+    Called like `MegalodonLM`: `logits, cache = model.apply(variables, tokens, cache=None,
+    attention_mask=None, deterministic=True, return_cache=False)`, so the training loop,
+    window evaluation and `sampling.generate` drive both.
     """
 
     config: LlamaConfig
@@ -184,17 +159,30 @@ class LlamaLM(nn.Module):
     def __call__(
         self,
         tokens: jax.Array,
+        *,
         cache: LlamaCache | None = None,
+        attention_mask: jax.Array | None = None,
         deterministic: bool = True,
         return_cache: bool = False,
     ) -> tuple[jax.Array, LlamaCache | None]:
         """tokens (B, L) int → float32 logits (B, L, V) and the updated cache.
 
         Without `cache` positions are 0..L-1 and the returned cache is None (a fresh decode
-        needs a buffer: pass `init_llama_cache(...)`). `return_cache` exists for signature
-        parity with `MegalodonLM`; a given cache is always returned updated.
+        needs a buffer: pass `llama.cache.init_cache(...)`). `return_cache` exists for
+        signature parity with `MegalodonLM`; a given cache is always returned updated.
+        `attention_mask` (B, L) marks valid tokens (right padding only); it cannot be combined
+        with a cache.
         """
         del return_cache
+        if attention_mask is not None and cache is not None:
+            raise ValueError(
+                "attention_mask cannot be combined with a cache (cached calls take unpadded tokens)"
+            )
+        if attention_mask is not None and attention_mask.shape != tokens.shape:
+            raise ValueError(
+                f"attention_mask shape {attention_mask.shape} != tokens shape {tokens.shape}"
+            )
+        key_valid = None if attention_mask is None else attention_mask.astype(bool)
         cfg = self.config
         cd = cfg.compute_jnp_dtype
         embedding = self.param(
@@ -209,13 +197,15 @@ class LlamaLM(nn.Module):
         positions = offset + jnp.arange(length, dtype=jnp.int32)
         x = jnp.take(embedding, tokens, axis=0).astype(cd)
         x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
-        block = nn.remat(LlamaBlock, static_argnums=(5,)) if cfg.remat else LlamaBlock
+        block = nn.remat(LlamaBlock, static_argnums=(6,)) if cfg.remat else LlamaBlock
         new_layers = []
         for i in range(cfg.num_layers):
             kv = None if cache is None else cache.layers[i]
-            x, kv = block(cfg, name=f"layers_{i}")(x, positions, kv, start, deterministic)
+            x, kv = block(cfg, name=f"layers_{i}")(
+                x, positions, kv, start, key_valid, deterministic
+            )
             new_layers.append(kv)
-        h = RMSNorm(cfg.norm_eps, name="norm")(x)
+        h = _rms_norm(cfg, "norm")(x)
         logits = jnp.dot(h.astype(cd), embedding.astype(cd).T, preferred_element_type=jnp.float32)
         if cache is None:
             return logits, None

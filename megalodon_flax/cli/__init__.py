@@ -1,0 +1,1 @@
+"""Command-line entry points (absl): train, sample, evaluate, convert, compare."""

@@ -1,0 +1,366 @@
+"""CEMA: the complex exponential moving average of Megalodon (spec §3).
+
+For x (B, D, L) real and state h (B, D, N) complex:
+
+    h[t] = q ⊙ h[t-1] + p ⊙ x[t]        y[t] = Re(Σ_n γ h[t]) + ω ⊙ x[t]
+
+with p = σ(alpha) real, q = (1 − σ(alpha)σ(delta))·exp(i·n·θ) and γ = (γ_r + iγ_i)/√N.
+Three interchangeable algorithms compute y (and the final state):
+
+* `fft`: y = causal convolution of x with the kernel K[d, j] = Re Σ_n p γ q^j, by real FFTs;
+  an incoming state adds the bias Re Σ_n γ q^(t+1) h_init, and the final state has a
+  closed form. Powers q^j are built in polar form in blocks of lags, each block factored
+  as q^(a·S + s) = q^(a·S)·q^s so that only ~2√K powers per channel need transcendentals.
+* `scan`: `lax.associative_scan` over the affine maps h ↦ q·h + p·x[t].
+* `sequential`: `lax.scan` over time (cheap for short streaming calls).
+
+All CEMA math runs in float32 / complex64 whatever the input dtype; the output is cast back.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from megalodon_flax.layers import initializers
+
+# Smallest |q| used inside log(): keeps j·log|q| finite when σ saturates to |q| = 0.
+_TINY_MAGNITUDE = 1e-30
+
+
+class CemaCoefficients(NamedTuple):
+    """Derived per-channel coefficients, all float32 of shape (D, N).
+
+    p: real input gain. log_mag: log|q|. phase: arg q. gamma_re / gamma_im: γ = γ_r + iγ_i,
+    already scaled by N^(-1/2).
+    """
+
+    p: jax.Array
+    log_mag: jax.Array
+    phase: jax.Array
+    gamma_re: jax.Array
+    gamma_im: jax.Array
+
+    @property
+    def q(self) -> jax.Array:
+        """Complex decay q (D, N), complex64."""
+        return jnp.exp(self.log_mag) * jax.lax.complex(jnp.cos(self.phase), jnp.sin(self.phase))
+
+    @property
+    def gamma(self) -> jax.Array:
+        return jax.lax.complex(self.gamma_re, self.gamma_im)
+
+
+def cema_coefficients(
+    alpha: jax.Array,
+    delta: jax.Array,
+    theta: jax.Array,
+    gamma_real: jax.Array,
+    gamma_imag: jax.Array,
+) -> CemaCoefficients:
+    """Maps the raw parameters (alpha, delta (D,N,1); theta (D,1,1); gamma_* (D,N)) to p, q, γ."""
+    ndim = alpha.shape[1]
+    a = jax.nn.sigmoid(alpha[..., 0].astype(jnp.float32))
+    d = jax.nn.sigmoid(delta[..., 0].astype(jnp.float32))
+    mag = jnp.clip(1.0 - a * d, 0.0, 1.0)
+    log_mag = jnp.log(jnp.maximum(mag, _TINY_MAGNITUDE))
+    base_angle = jax.nn.sigmoid(theta[:, 0, :].astype(jnp.float32)) * (2.0 * math.pi / ndim)
+    wavelets = jnp.arange(1, ndim + 1, dtype=jnp.float32)
+    phase = base_angle * wavelets  # (D, N)
+    scale = 1.0 / math.sqrt(ndim)
+    return CemaCoefficients(
+        p=a,
+        log_mag=log_mag,
+        phase=phase,
+        gamma_re=gamma_real.astype(jnp.float32) * scale,
+        gamma_im=gamma_imag.astype(jnp.float32) * scale,
+    )
+
+
+def _powers(coeffs: CemaCoefficients, lags: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Re and Im of q^j for float lags j (K,): two (D, N, K) float32 arrays, polar form."""
+    mag = jnp.exp(coeffs.log_mag[..., None] * lags)
+    angle = coeffs.phase[..., None] * lags
+    return mag * jnp.cos(angle), mag * jnp.sin(angle)
+
+
+def _lag_blocks(num_lags: int, block: int) -> list[tuple[int, int]]:
+    return [(start, min(start + block, num_lags)) for start in range(0, num_lags, block)]
+
+
+class _PowerFactors(NamedTuple):
+    """q^(start + a·S + s) = outer[..., a] · inner[..., s] for a < A, s < S (A·S ≥ count).
+
+    outer_* (D, N, A) and inner_* (D, N, S) are float32 Re/Im parts, each from the polar form
+    at its own lags, so a block of K lags costs D·N·(A + S) ≈ 2·D·N·√K transcendentals
+    instead of D·N·K, and the lags become batched matmuls over N.
+    """
+
+    outer_re: jax.Array
+    outer_im: jax.Array
+    inner_re: jax.Array
+    inner_im: jax.Array
+
+
+def _inner_size(count: int) -> int:
+    """S: the power of two nearest √count from above (A = ⌈count / S⌉ ≤ S)."""
+    return 1 << max(0, math.ceil(math.log2(max(count, 1)) / 2))
+
+
+def _power_factors(coeffs: CemaCoefficients, start: int, count: int) -> _PowerFactors:
+    inner = _inner_size(count)
+    num_outer = -(-count // inner)
+    outer_lags = start + inner * jnp.arange(num_outer, dtype=jnp.float32)
+    outer_re, outer_im = _powers(coeffs, outer_lags)
+    inner_re, inner_im = _powers(coeffs, jnp.arange(inner, dtype=jnp.float32))
+    return _PowerFactors(outer_re, outer_im, inner_re, inner_im)
+
+
+def _expand_lags(w_re: jax.Array, w_im: jax.Array, factors: _PowerFactors, count: int) -> jax.Array:
+    """Re(w · q^(start + j)) for j < count; w (..., D, N, A) complex as Re/Im → (..., D, count).
+
+    `w` already carries the outer powers: the result is Σ_n Re(w[..., a]) Re(inner[s]) −
+    Im(w[..., a]) Im(inner[s]) at j = a·S + s.
+    """
+    out = jnp.einsum("...dna,dns->...das", w_re, factors.inner_re) - jnp.einsum(
+        "...dna,dns->...das", w_im, factors.inner_im
+    )
+    return out.reshape((*out.shape[:-2], -1))[..., :count]
+
+
+def _lagged_real_parts(
+    coeffs: CemaCoefficients, c_re: jax.Array, c_im: jax.Array, first: int, length: int, block: int
+) -> jax.Array:
+    """Re Σ_n c q^(first + j) for j < length; c (..., D, N) as Re/Im → (..., D, length)."""
+    c_re, c_im = c_re[..., None], c_im[..., None]
+    parts = []
+    for lo, hi in _lag_blocks(length, block):
+        f = _power_factors(coeffs, first + lo, hi - lo)
+        w_re = c_re * f.outer_re - c_im * f.outer_im
+        w_im = c_re * f.outer_im + c_im * f.outer_re
+        parts.append(_expand_lags(w_re, w_im, f, hi - lo))
+    return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1)
+
+
+def cema_kernel(coeffs: CemaCoefficients, length: int, block: int = 4096) -> jax.Array:
+    """Impulse response K[d, j] = Re Σ_n p γ q^j for j < length; (D, length) float32."""
+    return _lagged_real_parts(
+        coeffs, coeffs.p * coeffs.gamma_re, coeffs.p * coeffs.gamma_im, 0, length, block
+    )
+
+
+def fft_length(length: int) -> int:
+    """Smallest power of two ≥ 2·length − 1 (linear, not circular, convolution)."""
+    return max(2, 1 << (2 * length - 2).bit_length())
+
+
+def causal_convolution(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """y[..., t] = Σ_{j ≤ t} kernel[..., j] x[..., t − j] by real FFTs; x (B,D,L), kernel (D,L)."""
+    length = x.shape[-1]
+    n_fft = fft_length(length)
+    x_f = jnp.fft.rfft(x, n=n_fft)
+    k_f = jnp.fft.rfft(kernel, n=n_fft)
+    return jnp.fft.irfft(x_f * k_f, n=n_fft)[..., :length]
+
+
+def initial_state_bias(
+    coeffs: CemaCoefficients, h_init: jax.Array, length: int, block: int = 4096
+) -> jax.Array:
+    """bias[b, d, t] = Re Σ_n γ h_init q^(t+1); h_init (B,D,N) complex → (B, D, length)."""
+    gh = coeffs.gamma * h_init
+    return _lagged_real_parts(coeffs, jnp.real(gh), jnp.imag(gh), 1, length, block)
+
+
+def closed_form_state(
+    coeffs: CemaCoefficients, x: jax.Array, h_init: jax.Array | None, block: int = 4096
+) -> jax.Array:
+    """h_final = q^L h_init + p Σ_j q^(L−1−j) x[j]; x (B,D,L) float32 → (B,D,N) complex64."""
+    length = x.shape[-1]
+    x_rev = x[..., ::-1]  # x_rev[k] = x[L−1−k] pairs with q^k
+    acc_re = jnp.zeros(x.shape[:2] + coeffs.p.shape[-1:], jnp.float32)
+    acc_im = jnp.zeros_like(acc_re)
+    for lo, hi in _lag_blocks(length, block):
+        f = _power_factors(coeffs, lo, hi - lo)
+        num_outer, inner = f.outer_re.shape[-1], f.inner_re.shape[-1]
+        xs = jnp.pad(x_rev[..., lo:hi], ((0, 0), (0, 0), (0, num_outer * inner - (hi - lo))))
+        xs = xs.reshape((*xs.shape[:2], num_outer, inner))  # (B, D, A, S)
+        # Σ_s q^s x[a·S + s], then Σ_a q^(lo + a·S) · that.
+        v_re = jnp.einsum("dns,bdas->bdna", f.inner_re, xs)
+        v_im = jnp.einsum("dns,bdas->bdna", f.inner_im, xs)
+        acc_re = acc_re + jnp.sum(f.outer_re * v_re - f.outer_im * v_im, axis=-1)
+        acc_im = acc_im + jnp.sum(f.outer_re * v_im + f.outer_im * v_re, axis=-1)
+    state = coeffs.p * jax.lax.complex(acc_re, acc_im)
+    if h_init is not None:
+        q_re, q_im = _powers(coeffs, jnp.full((1,), float(length), jnp.float32))
+        state = state + jax.lax.complex(q_re[..., 0], q_im[..., 0]) * h_init
+    return state
+
+
+def _readout(coeffs: CemaCoefficients, h: jax.Array) -> jax.Array:
+    """Re Σ_n γ h over the last axis of h (..., N) complex → (...) float32."""
+    return jnp.sum(coeffs.gamma_re * jnp.real(h) - coeffs.gamma_im * jnp.imag(h), axis=-1)
+
+
+def cema_fft(
+    coeffs: CemaCoefficients,
+    x: jax.Array,
+    h_init: jax.Array | None = None,
+    return_state: bool = False,
+    block: int = 4096,
+) -> tuple[jax.Array, jax.Array | None]:
+    """FFT path. x (B, D, L) float32 → (y_ema (B, D, L) float32, final state or None)."""
+    length = x.shape[-1]
+    y = causal_convolution(x, cema_kernel(coeffs, length, block))
+    if h_init is not None:
+        y = y + initial_state_bias(coeffs, h_init, length, block)
+    state = closed_form_state(coeffs, x, h_init, block) if return_state else None
+    return y, state
+
+
+def cema_associative_scan(
+    coeffs: CemaCoefficients, x: jax.Array, h_init: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
+    """Associative-scan path. x (B, D, L) float32 → (y_ema (B,D,L), states h (L, B, D, N))."""
+    q = coeffs.q  # (D, N)
+    x_t = jnp.moveaxis(x, -1, 0)  # (L, B, D)
+    b = coeffs.p * x_t[..., None].astype(jnp.complex64)  # (L, B, D, N)
+    if h_init is not None:
+        b = b.at[0].add(q * h_init)
+    a = jnp.broadcast_to(q, (x_t.shape[0], 1, *q.shape))  # (L, 1, D, N)
+
+    def combine(left, right):
+        a_l, b_l = left
+        a_r, b_r = right
+        return a_r * a_l, a_r * b_l + b_r
+
+    _, h = jax.lax.associative_scan(combine, (a, b), axis=0)
+    y = jnp.moveaxis(_readout(coeffs, h), 0, -1)
+    return y, h
+
+
+def cema_sequential(
+    coeffs: CemaCoefficients, x: jax.Array, h_init: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
+    """Sequential path (lax.scan). x (B, D, L) float32 → (y_ema (B, D, L), final state)."""
+    q = coeffs.q
+    if h_init is None:
+        h_init = jnp.zeros(x.shape[:2] + q.shape[-1:], jnp.complex64)
+    if x.shape[-1] == 1:  # one decode step: no loop
+        h = q * h_init.astype(jnp.complex64) + coeffs.p * x
+        return _readout(coeffs, h)[..., None], h
+
+    def step(h: jax.Array, x_t: jax.Array) -> tuple[jax.Array, jax.Array]:
+        h = q * h + coeffs.p * x_t[..., None]
+        return h, _readout(coeffs, h)
+
+    h_final, y = jax.lax.scan(step, h_init.astype(jnp.complex64), jnp.moveaxis(x, -1, 0))
+    return jnp.moveaxis(y, 0, -1), h_final
+
+
+def cema(
+    coeffs: CemaCoefficients,
+    omega: jax.Array,
+    x: jax.Array,
+    h_init: jax.Array | None = None,
+    path: str = "fft",
+    return_state: bool = False,
+    block: int = 4096,
+) -> tuple[jax.Array, jax.Array | None]:
+    """CEMA on the channel-major input x (B, D, L); returns (y (B,D,L) f32, state (B,D,N)|None)."""
+    x = x.astype(jnp.float32)
+    if path == "fft":
+        y, state = cema_fft(coeffs, x, h_init, return_state, block)
+    elif path == "scan":
+        y, states = cema_associative_scan(coeffs, x, h_init)
+        state = states[-1] if return_state else None
+    elif path == "sequential":
+        y, state = cema_sequential(coeffs, x, h_init)
+        state = state if return_state else None
+    else:
+        raise ValueError(f"unknown CEMA path {path!r}")
+    y = y + omega.astype(jnp.float32)[:, None] * x
+    return y, state
+
+
+class CEMA(nn.Module):
+    """Flax module owning the CEMA parameters of one layer (spec §3.1).
+
+    Attributes:
+      ndim: order N (complex components per channel).
+      block: lags per block when building powers q^j.
+    """
+
+    ndim: int
+    block: int = 4096
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,
+        mask: jax.Array | None = None,
+        state: jax.Array | None = None,
+        path: str = "fft",
+        return_state: bool = False,
+    ) -> tuple[jax.Array, jax.Array | None]:
+        """x (B, L, D) any float dtype → (y (B, L, D) same dtype, state (B, D, N) complex64|None).
+
+        `mask` (B, L) marks valid tokens; masked inputs are replaced by 0 before the recurrence
+        (the state still decays through them).
+        """
+        dim = x.shape[-1]
+        n = self.ndim
+        f32 = jnp.float32
+        alpha = self.param(
+            "alpha",
+            nn.with_logical_partitioning(initializers.normal(0.2), ("embed", "cema", None)),
+            (dim, n, 1),
+            f32,
+        )
+        delta = self.param(
+            "delta",
+            nn.with_logical_partitioning(initializers.normal(0.2), ("embed", "cema", None)),
+            (dim, n, 1),
+            f32,
+        )
+        theta = self.param(
+            "theta",
+            nn.with_logical_partitioning(initializers.cema_theta, ("embed", None, None)),
+            (dim, 1, 1),
+            f32,
+        )
+        gamma_real = self.param(
+            "gamma_real",
+            nn.with_logical_partitioning(initializers.normal(1.0), ("embed", "cema")),
+            (dim, n),
+            f32,
+        )
+        gamma_imag = self.param(
+            "gamma_imag",
+            nn.with_logical_partitioning(initializers.zeros, ("embed", "cema")),
+            (dim, n),
+            f32,
+        )
+        omega = self.param(
+            "omega",
+            nn.with_logical_partitioning(initializers.truncated_normal(0.25, 4.0), ("embed",)),
+            (dim,),
+            f32,
+        )
+        coeffs = cema_coefficients(alpha, delta, theta, gamma_real, gamma_imag)
+        x32 = x.astype(f32)
+        if mask is not None:
+            x32 = jnp.where(mask[..., None], x32, 0.0)
+        y, new_state = cema(
+            coeffs,
+            omega,
+            jnp.swapaxes(x32, 1, 2),
+            state,
+            path=path,
+            return_state=return_state,
+            block=self.block,
+        )
+        return jnp.swapaxes(y, 1, 2).astype(x.dtype), new_state

@@ -1,0 +1,211 @@
+"""Chunked block-diagonal attention and its streaming ring buffer (spec §5).
+
+Attention is block-diagonal causal: a query at absolute time t sees keys s ≤ t of the same
+chunk floor(s/C) = floor(t/C). Scores q·k carry no 1/sqrt(Dh) (Q/K are normalized) and
+accumulate in float32; the softmax is float32; a row with no visible key outputs zeros.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from megalodon_flax.layers.attention import MASKED_SCORE, DropoutFn, masked_attention
+from megalodon_flax.megalodon.cache import AttentionCache
+
+
+def chunked_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    chunk_size: int,
+    key_valid: jax.Array | None = None,
+    compute_dtype=jnp.float32,
+    prob_dropout: DropoutFn | None = None,
+) -> jax.Array:
+    """Block-diagonal causal attention for a sequence starting at a chunk boundary.
+
+    Args:
+      q, k: (B, L, H, Dh); v: (B, L, H, Dv); any L (the last chunk is padded internally).
+      chunk_size: C.
+      key_valid: (B, L) bool, False for keys that must never be attended.
+
+    Returns:
+      (B, L, H, Dv) in compute_dtype.
+    """
+    batch, length = q.shape[:2]
+    num_chunks = -(-length // chunk_size)
+    pad = num_chunks * chunk_size - length
+
+    def chunks(a: jax.Array) -> jax.Array:
+        a = jnp.pad(a, ((0, 0), (0, pad)) + ((0, 0),) * (a.ndim - 2))
+        return a.reshape((batch, num_chunks, chunk_size, *a.shape[2:]))
+
+    allowed = jnp.tril(jnp.ones((chunk_size, chunk_size), bool))
+    if key_valid is not None:
+        kv = chunks(key_valid.astype(bool))  # (B, n, C)
+        allowed = allowed & kv[:, :, None, None, :]
+    out = masked_attention(chunks(q), chunks(k), chunks(v), allowed, compute_dtype, prob_dropout)
+    return out.reshape((batch, num_chunks * chunk_size, *out.shape[3:]))[:, :length]
+
+
+# Rings are stored as (B·H, Dh, C) for keys and (B·H, C, Dv) for values (row b·H + h): the
+# operand layouts of the one-token products, batch axes already merged. With any other
+# layout XLA either copies the rings into that layout on every decode step or, because a
+# reshape then sits between the slot write and the products, writes the slot twice into
+# copies of the ring instead of once in place.
+KEY_RING = (0, 2, 3, 1)  # token-major (B, C, H, Dh) axes → stored (B, H, Dh, C) order
+VALUE_RING = (0, 2, 1, 3)  # (B, C, H, Dv) → (B, H, C, Dv)
+
+
+def _to_ring(entries: jax.Array, order: tuple[int, ...]) -> jax.Array:
+    """(B, C, H, ·) time-slot entries → the stored (B·H, ·, ·) ring."""
+    ring = jnp.transpose(entries, order)
+    return ring.reshape((-1, *ring.shape[2:]))
+
+
+def _from_ring(ring: jax.Array, batch: int, order: tuple[int, ...]) -> jax.Array:
+    """The stored ring → (B, C, H, ·) entries by slot."""
+    ring = ring.reshape((batch, -1, *ring.shape[1:]))
+    return jnp.transpose(ring, tuple(order.index(i) for i in range(4)))
+
+
+def ring_entries(cache: AttentionCache, batch_size: int) -> tuple[jax.Array, jax.Array]:
+    """The ring by slot in the token-major layout: keys (B, C, H, Dh), values (B, C, H, Dv)."""
+    return (
+        _from_ring(cache.keys, batch_size, KEY_RING),
+        _from_ring(cache.values, batch_size, VALUE_RING),
+    )
+
+
+def ring_from_entries(keys: jax.Array, values: jax.Array) -> AttentionCache:
+    """The inverse of `ring_entries`: keys (B, C, H, Dh), values (B, C, H, Dv) by slot."""
+    return AttentionCache(keys=_to_ring(keys, KEY_RING), values=_to_ring(values, VALUE_RING))
+
+
+def _time_ordered_ring(
+    ring: jax.Array, batch: int, order: tuple[int, ...], position: jax.Array, chunk_size: int
+) -> jax.Array:
+    """Stored ring → (B, C, H, ·) entries ordered by time T−C … T−1 (T = position)."""
+    return jnp.roll(_from_ring(ring, batch, order), -(position % chunk_size), axis=1)
+
+
+def updated_ring(
+    ordered: jax.Array,
+    new: jax.Array,
+    position: jax.Array,
+    chunk_size: int,
+    order: tuple[int, ...],
+) -> jax.Array:
+    """Stored ring after appending `new` (B, L, H, ·) to time-ordered entries (B, C, H, ·):
+    slot j holds the latest of the C most recent times ≡ j (mod C)."""
+    length = new.shape[1]
+    end = position + length
+    last = jnp.concatenate([ordered, new], axis=1)[:, length:]  # times end−C … end−1
+    return _to_ring(jnp.roll(last, end % chunk_size, axis=1), order)
+
+
+def _decode_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    cache: AttentionCache,
+    position: jax.Array,
+    chunk_size: int,
+    compute_dtype,
+) -> tuple[jax.Array, AttentionCache]:
+    """`streaming_attention` for one new token (L = 1) without reordering the ring.
+
+    The token is written in place at slot s = T mod C and attends to slots 0 … s, which hold
+    times T − s … T of its chunk; the slots after s hold finished chunks and are masked.
+    """
+    slot = position % chunk_size
+    batch, _, heads, dh = q.shape
+    rows = batch * heads
+    keys = jax.lax.dynamic_update_slice_in_dim(
+        cache.keys, k.reshape(rows, dh, 1).astype(cache.keys.dtype), slot, axis=2
+    )
+    values = jax.lax.dynamic_update_slice_in_dim(
+        cache.values, v.reshape(rows, 1, -1).astype(cache.values.dtype), slot, axis=1
+    )
+    scores = jnp.einsum(
+        "nd,ndk->nk", q.reshape(rows, dh), keys.astype(q.dtype), preferred_element_type=jnp.float32
+    )
+    scores = jnp.where(jnp.arange(chunk_size) <= slot, scores, MASKED_SCORE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(compute_dtype)
+    out = jnp.einsum(
+        "nk,nkd->nd", probs, values.astype(compute_dtype), preferred_element_type=jnp.float32
+    )
+    out = out.reshape(batch, 1, heads, -1).astype(compute_dtype)
+    return out, AttentionCache(keys=keys, values=values)
+
+
+def streaming_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    cache: AttentionCache,
+    position: jax.Array,
+    chunk_size: int,
+    compute_dtype=jnp.float32,
+) -> tuple[jax.Array, AttentionCache]:
+    """Attention of L new tokens at times T … T+L−1 against the ring and themselves.
+
+    Args:
+      q, k: (B, L, H, Dh) rotated; v: (B, L, H, Dv).
+      cache: the ring of the last C keys/values before the call (see AttentionCache).
+      position: T, tokens consumed before the call (int32 scalar).
+      chunk_size: C (= ring capacity).
+
+    Returns:
+      (B, L, H, Dv) outputs and the ring after the call.
+    """
+    c = chunk_size
+    length = q.shape[1]
+    if length == 1:
+        return _decode_attention(q, k, v, cache, position, c, compute_dtype)
+    batch = q.shape[0]
+    ring_k = _time_ordered_ring(cache.keys, batch, KEY_RING, position, c).astype(k.dtype)
+    ring_v = _time_ordered_ring(cache.values, batch, VALUE_RING, position, c).astype(v.dtype)
+    all_k = jnp.concatenate([ring_k, k], axis=1)
+    all_v = jnp.concatenate([ring_v, v], axis=1)
+    if length <= c:
+        # Dense scores against C cached slots + the new keys: O(L·(C+L)).
+        key_times = position - c + jnp.arange(c + length)
+        query_times = position + jnp.arange(length)
+        allowed = (
+            (key_times[None, :] <= query_times[:, None])
+            & (key_times[None, :] >= 0)
+            & (key_times[None, :] // c == query_times[:, None] // c)
+        )
+        out = masked_attention(q, all_k, all_v, allowed, compute_dtype)
+    else:
+        # Align the new tokens on the absolute chunk grid, prefixed by the cached slots of
+        # the current chunk, and reuse the chunked kernel: O((L+C)·C).
+        offset = position % c
+        num_chunks = -(-(c - 1 + length) // c)
+        span = num_chunks * c
+        tail = span - length
+
+        def aligned(a: jax.Array, head: jax.Array) -> jax.Array:
+            padded = jnp.concatenate(
+                [head, a, jnp.zeros((a.shape[0], tail, *a.shape[2:]), a.dtype)], axis=1
+            )
+            return jax.lax.dynamic_slice_in_dim(padded, c - offset, span, axis=1)
+
+        key_valid = jnp.arange(span) < offset + length
+        key_valid = jnp.broadcast_to(key_valid, (q.shape[0], span))
+        out = chunked_attention(
+            aligned(q, jnp.zeros_like(ring_k).astype(q.dtype)),
+            aligned(k, ring_k),
+            aligned(v, ring_v),
+            c,
+            key_valid,
+            compute_dtype,
+        )
+        out = jax.lax.dynamic_slice_in_dim(out, offset, length, axis=1)
+    new_cache = AttentionCache(
+        keys=updated_ring(ring_k, k, position, c, KEY_RING).astype(cache.keys.dtype),
+        values=updated_ring(ring_v, v, position, c, VALUE_RING).astype(cache.values.dtype),
+    )
+    return out, new_cache

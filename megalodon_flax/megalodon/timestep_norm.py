@@ -1,0 +1,186 @@
+"""TimestepNorm: causal, streaming group normalization over time (spec §4).
+
+The D features form G groups of gs = D/G. At time t each group is normalized with the mean
+and population variance of every scalar of that group seen so far (inclusive), including
+what an incoming state summarizes. Statistics are merged in parallel with Chan's formula
+over per-timestep summaries (count, mean, M2) by `lax.associative_scan`, never from
+uncentered cumulative sums. Everything runs in float32; masked timesteps output exactly 0
+and leave the statistics untouched.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from megalodon_flax.layers import initializers
+
+
+@struct.dataclass
+class NormState:
+    """Streaming statistics per row and group.
+
+    count: (B,) int32, valid timesteps absorbed. mean: (B, G) float32 running mean.
+    var: (B, G) float32 running population variance (1 while count is 0).
+    """
+
+    count: jax.Array
+    mean: jax.Array
+    var: jax.Array
+
+    @classmethod
+    def fresh(cls, batch_size: int, num_groups: int) -> NormState:
+        return cls(
+            count=jnp.zeros((batch_size,), jnp.int32),
+            mean=jnp.zeros((batch_size, num_groups), jnp.float32),
+            var=jnp.ones((batch_size, num_groups), jnp.float32),
+        )
+
+
+def _chan_merge(
+    left: tuple[jax.Array, jax.Array, jax.Array], right: tuple[jax.Array, jax.Array, jax.Array]
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Merges summaries (n, mean, M2); an empty side returns the other side exactly."""
+    n_l, mu_l, m2_l = left
+    n_r, mu_r, m2_r = right
+    n = n_l + n_r
+    safe_n = jnp.where(n > 0, n, 1.0)
+    delta = mu_r - mu_l
+    mu = mu_l + delta * (n_r / safe_n)
+    m2 = m2_l + m2_r + delta * delta * (n_l * n_r / safe_n)
+    mu = jnp.where(n_l == 0, mu_r, jnp.where(n_r == 0, mu_l, mu))
+    m2 = jnp.where(n_l == 0, m2_r, jnp.where(n_r == 0, m2_l, m2))
+    return n, mu, m2
+
+
+def _anchored_statistics(
+    x: jax.Array, num_groups: int, state: NormState, mask: jax.Array | None
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, NormState]:
+    """Block-Welford statistics computed relative to a per-(row, group) anchor.
+
+    The anchor is the incoming mean (or, for a fresh row, the first valid block mean of the
+    call), so that a large common offset never enters the float32 sums.
+
+    Returns:
+      xg (B, L, G, gs) = x − anchor, anchor (B, 1, G), mean − anchor (B, L, G), var (B, L, G)
+      and the state after the last timestep.
+    """
+    batch, length, dim = x.shape
+    xg = x.astype(jnp.float32).reshape(batch, length, num_groups, dim // num_groups)
+    valid = jnp.ones((batch, length), bool) if mask is None else mask.astype(bool)
+    v = valid[..., None]
+
+    first = jnp.argmax(valid, axis=1)[:, None, None]
+    first_mean = jnp.take_along_axis(jnp.mean(xg, axis=-1), first, axis=1)
+    any_valid = jnp.any(valid, axis=1)[:, None, None]
+    fresh_anchor = jnp.where(any_valid & jnp.isfinite(first_mean), first_mean, 0.0)
+    has_state = (state.count > 0)[:, None, None]
+    # The normalized output does not depend on the anchor, so no gradient flows through it.
+    anchor = jax.lax.stop_gradient(jnp.where(has_state, state.mean[:, None, :], fresh_anchor))
+    xg = xg - anchor[..., None]
+
+    blk_mean = jnp.mean(xg, axis=-1)
+    blk_var = jnp.mean(jnp.square(xg - blk_mean[..., None]), axis=-1)
+    n = jnp.broadcast_to(v.astype(jnp.float32), blk_mean.shape)
+    elems = (n, jnp.where(v, blk_mean, 0.0), jnp.where(v, blk_var, 0.0))
+    prefix = jax.lax.associative_scan(_chan_merge, elems, axis=1)
+
+    c0 = state.count.astype(jnp.float32)[:, None, None]
+    incoming = (
+        jnp.broadcast_to(c0, blk_mean.shape),
+        jnp.broadcast_to(state.mean[:, None, :] - anchor, blk_mean.shape),
+        jnp.broadcast_to(c0 * state.var[:, None, :], blk_mean.shape),
+    )
+    n_tot, mean, m2 = _chan_merge(incoming, prefix)
+    # Before the first valid step of the call the incoming variance is kept bit-exact.
+    var = jnp.where(prefix[0] > 0, m2 / jnp.where(n_tot > 0, n_tot, 1.0), state.var[:, None, :])
+    new_count = state.count + jnp.sum(valid, axis=1, dtype=jnp.int32)
+    new_state = NormState(count=new_count, mean=anchor[:, 0] + mean[:, -1], var=var[:, -1])
+    return xg, anchor, mean, var, new_state
+
+
+def timestep_norm_statistics(
+    x: jax.Array, num_groups: int, state: NormState, mask: jax.Array | None
+) -> tuple[jax.Array, jax.Array, NormState]:
+    """Running mean and variance used at every timestep (upstream block-Welford semantics).
+
+    Args:
+      x: (B, L, D) input.
+      num_groups: G.
+      state: incoming statistics.
+      mask: (B, L) bool, True for valid timesteps, or None.
+
+    Returns:
+      mean (B, L, G), var (B, L, G) float32, and the state after the last timestep.
+    """
+    _, anchor, mean, var, new_state = _anchored_statistics(x, num_groups, state, mask)
+    return anchor + mean, var, new_state
+
+
+def timestep_norm_statistics_hf(
+    x: jax.Array, num_groups: int, state: NormState, mask: jax.Array | None
+) -> tuple[jax.Array, jax.Array, NormState]:
+    """megalodon-hf's statistics (spec §4.6): between-timestep variance of group means only.
+
+    Same shapes as `timestep_norm_statistics`. Includes HF's prior-variance term, its 1e-6
+    variance floor, and the cumulative-sum formulation it uses.
+    """
+    batch, length, dim = x.shape
+    xg = x.astype(jnp.float32).reshape(batch, length, num_groups, dim // num_groups)
+    valid = jnp.ones((batch, length), bool) if mask is None else mask.astype(bool)
+    w = valid[..., None].astype(jnp.float32)
+    gm = jnp.where(valid[..., None], jnp.mean(xg, axis=-1), 0.0)
+    c0 = state.count.astype(jnp.float32)[:, None, None]
+    m0 = state.mean[:, None, :]
+    v0 = state.var[:, None, :]
+    count = c0 + jnp.cumsum(w, axis=1)
+    safe_count = jnp.maximum(count, 1.0)
+    mean = jnp.where(count > 0, (c0 * m0 + jnp.cumsum(w * gm, axis=1)) / safe_count, m0)
+    prev_mean = jnp.concatenate([m0, mean[:, :-1]], axis=1)
+    m2 = v0 * jnp.maximum(c0, 1.0) + jnp.cumsum(w * (gm - prev_mean) * (gm - mean), axis=1)
+    var = jnp.where(count > 0, m2 / safe_count, v0)
+    var = jnp.maximum(var, 1e-6)
+    new_count = state.count + jnp.sum(valid, axis=1, dtype=jnp.int32)
+    new_state = NormState(count=new_count, mean=mean[:, -1], var=var[:, -1])
+    return mean, var, new_state
+
+
+class TimestepNorm(nn.Module):
+    """Streaming group normalization with stored+1 affine parameters `weight`, `bias` (D,).
+
+    Attributes:
+      num_groups: G.
+      eps: added to the variance inside the rsqrt.
+      variant: "upstream" (block Welford) or "hf" (megalodon-hf's formula).
+    """
+
+    num_groups: int
+    eps: float = 1e-5
+    variant: str = "upstream"
+
+    @nn.compact
+    def __call__(
+        self, x: jax.Array, state: NormState | None = None, mask: jax.Array | None = None
+    ) -> tuple[jax.Array, NormState]:
+        """x (B, L, D) → (y (B, L, D) in x's dtype, state after the call)."""
+        batch, length, dim = x.shape
+        weight = self.param(
+            "weight", nn.with_logical_partitioning(initializers.zeros, ("embed",)), (dim,)
+        )
+        bias = self.param(
+            "bias", nn.with_logical_partitioning(initializers.zeros, ("embed",)), (dim,)
+        )
+        if state is None:
+            state = NormState.fresh(batch, self.num_groups)
+        if self.variant == "upstream":
+            xg, _, mean, var, new_state = _anchored_statistics(x, self.num_groups, state, mask)
+        else:
+            mean, var, new_state = timestep_norm_statistics_hf(x, self.num_groups, state, mask)
+            xg = x.astype(jnp.float32).reshape(batch, length, self.num_groups, -1)
+        y = (xg - mean[..., None]) * jax.lax.rsqrt(var[..., None] + self.eps)
+        y = y.reshape(batch, length, dim) * (1.0 + weight) + bias
+        if mask is not None and self.variant == "upstream":
+            y = jnp.where(mask[..., None], y, 0.0)
+        return y.astype(x.dtype), new_state

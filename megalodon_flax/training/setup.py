@@ -1,0 +1,223 @@
+"""Everything a training config compiles to: mesh, model, optimizer, shardings, jitted steps.
+
+Steps are `jax.jit`ed with explicit in/out shardings derived from the mesh and the logical
+axis rules, and the train state is donated. Global row `r` of a step's `A * B` rows is row
+`r // A` of micro-batch `r % A`, so every process's contiguous block of rows is a contiguous
+block of every micro-batch, and the grouping does not depend on the number of processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding
+
+from megalodon_flax import families, sharding
+from megalodon_flax.config_base import ConfigError
+from megalodon_flax.training.config import TrainConfig
+from megalodon_flax.training.metrics import EvalMetrics
+from megalodon_flax.training.optimizer import create_learning_rate_fn, create_optimizer
+from megalodon_flax.training.steps import (
+    Batch,
+    TrainState,
+    create_train_state,
+    eval_step,
+    train_step,
+    uses_dropout,
+)
+
+
+def create_mesh(config: TrainConfig) -> Mesh:
+    """Builds the (data, fsdp, tensor) mesh of `config.mesh.shape`.
+
+    Raises:
+        ConfigError: If the mesh does not fit the devices or the batch sizes do not split
+            over the data axes.
+    """
+    try:
+        mesh = sharding.make_mesh(config.mesh.shape, sharding.MESH_AXES)
+    except sharding.MeshError as err:
+        raise ConfigError(f"config.mesh.shape: {err}") from None
+    rules = config.mesh.logical_axis_rules
+    shards = sharding.batch_shards(mesh, rules)
+    for name, size in (
+        ("batch_size", config.batch_size),
+        ("eval.batch_size", config.eval.batch_size),
+    ):
+        if size % shards:
+            raise ConfigError(
+                f"config.{name}={size} is not divisible by the {shards} data-parallel "
+                f"shards of the mesh {dict(mesh.shape)} (the 'batch' axis maps to "
+                f"{nn.logical_to_mesh_axes(('batch',), rules)[0]})"
+            )
+        if size % jax.process_count():
+            raise ConfigError(
+                f"config.{name}={size} is not divisible by the {jax.process_count()} processes"
+            )
+    if config.eval.mode != "window" and jax.process_count() > 1:
+        raise ConfigError(
+            f"config.eval.mode={config.eval.mode!r} (stream evaluation) runs in a single "
+            "process; use 'window' for multi-process runs"
+        )
+    return mesh
+
+
+@dataclasses.dataclass
+class TrainingSetup:
+    """Everything derived from a config and a mesh: model, optimizer, shardings, jitted steps.
+
+    Attributes:
+        config: The training config.
+        model_config: The validated model config.
+        model: The language model.
+        mesh: The device mesh.
+        rules: Logical axis rules.
+        learning_rate_fn: The schedule.
+        tx: The optimizer.
+        state_shardings: NamedSharding per leaf of the (unboxed) train state.
+        abstract_state: The train state as `jax.ShapeDtypeStruct`s carrying those shardings.
+        train_batch_sharding: Sharding of `(A, B, L)` train arrays.
+        eval_batch_sharding: Sharding of `(B, L)` eval arrays.
+        p_init: Jitted `() -> TrainState`, laid out by `state_shardings`.
+        p_train_step: Jitted `(state, global batch) -> (state, metrics)`; donates the state.
+        p_eval_step: Jitted `(params, global batch) -> metrics`.
+    """
+
+    config: TrainConfig
+    model_config: families.ModelConfig
+    model: families.LanguageModel
+    mesh: Mesh
+    rules: sharding.LogicalRules
+    learning_rate_fn: optax.Schedule
+    tx: optax.GradientTransformation
+    state_shardings: Any
+    abstract_state: Any
+    train_batch_sharding: NamedSharding
+    eval_batch_sharding: NamedSharding
+    p_init: Callable[[], TrainState]
+    p_train_step: Any
+    p_eval_step: Any
+
+    @contextlib.contextmanager
+    def activate(self) -> Iterator[None]:
+        """Context in which the mesh and the logical axis rules are active."""
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+            yield
+
+    def init_state(self) -> TrainState:
+        """A fresh train state, sharded over the mesh."""
+        with self.activate():
+            return self.p_init()
+
+    def global_train_batch(self, local_batch: Batch) -> dict[str, jax.Array]:
+        """Turns this process's `(A * b, L)` rows into the global `(A, B, L)` arrays."""
+        accum = self.config.grad_accum_steps
+        local = {}
+        for key, value in local_batch.items():
+            rows = value.shape[0]
+            if rows % accum:
+                raise ValueError(f"{rows} local rows do not split into {accum} micro-batches")
+            value = value.reshape(rows // accum, accum, *value.shape[1:])
+            local[key] = np.ascontiguousarray(np.swapaxes(value, 0, 1))
+        return sharding.to_global_batch(
+            local, self.train_batch_sharding, self.config.batch_size, axis=1
+        )
+
+    def global_eval_batch(self, local_batch: Batch) -> dict[str, jax.Array]:
+        """Turns this process's `(b, L)` rows into the global `(B, L)` arrays."""
+        return sharding.to_global_batch(
+            local_batch, self.eval_batch_sharding, self.config.eval.batch_size, axis=0
+        )
+
+    def train_step(self, state: TrainState, local_batch: Batch) -> tuple[TrainState, Any]:
+        """Runs the compiled step on this process's rows (see `global_train_batch`)."""
+        batch = self.global_train_batch(local_batch)
+        with self.activate():
+            return self.p_train_step(state, batch)
+
+    def eval_step(self, params: Any, local_batch: Batch) -> EvalMetrics:
+        """Runs the compiled eval step on this process's rows."""
+        batch = self.global_eval_batch(local_batch)
+        with self.activate():
+            return self.p_eval_step(params, batch)
+
+
+def setup_training(config: TrainConfig, mesh: Mesh | None = None) -> TrainingSetup:
+    """Validates `config` and builds the model, optimizer, shardings and jitted steps.
+
+    Nothing is compiled here: compilation happens at the first call of each step.
+
+    Args:
+        config: The validated training config.
+        mesh: The mesh; built from `config.mesh.shape` when None.
+
+    Returns:
+        A TrainingSetup.
+
+    Raises:
+        ConfigError: On a mesh that does not fit the devices or the batch sizes.
+    """
+    model_config = config.model
+    if mesh is None:
+        mesh = create_mesh(config)
+    rules = config.mesh.logical_axis_rules
+    model = families.build_model(model_config)
+    learning_rate_fn = create_learning_rate_fn(config)
+    tx = create_optimizer(config.optimizer, learning_rate_fn)
+    seed = config.seed
+
+    def init_boxed() -> TrainState:
+        return create_train_state(jax.random.PRNGKey(seed), model, tx)
+
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        boxed = jax.eval_shape(init_boxed)
+        state_shardings = sharding.state_shardings(boxed, mesh, rules)
+    abstract_state = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        nn.unbox(boxed),
+        state_shardings,
+    )
+    train_batch_sharding = sharding.logical_sharding(mesh, rules, (None, "batch", "length"))
+    eval_batch_sharding = sharding.logical_sharding(mesh, rules, ("batch", "length"))
+    metrics_sharding = sharding.replicated(mesh)
+    p_init = jax.jit(lambda: nn.unbox(init_boxed()), out_shardings=state_shardings)
+    p_train_step = jax.jit(
+        functools.partial(
+            train_step,
+            model=model,
+            learning_rate_fn=learning_rate_fn,
+            dropout=uses_dropout(model_config),
+        ),
+        in_shardings=(state_shardings, train_batch_sharding),
+        out_shardings=(state_shardings, metrics_sharding),
+        donate_argnums=0,
+    )
+    p_eval_step = jax.jit(
+        functools.partial(eval_step, model=model),
+        in_shardings=(state_shardings.params, eval_batch_sharding),
+        out_shardings=metrics_sharding,
+    )
+    return TrainingSetup(
+        config=config,
+        model_config=model_config,
+        model=model,
+        mesh=mesh,
+        rules=rules,
+        learning_rate_fn=learning_rate_fn,
+        tx=tx,
+        state_shardings=state_shardings,
+        abstract_state=abstract_state,
+        train_batch_sharding=train_batch_sharding,
+        eval_batch_sharding=eval_batch_sharding,
+        p_init=p_init,
+        p_train_step=p_train_step,
+        p_eval_step=p_eval_step,
+    )
