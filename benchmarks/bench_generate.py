@@ -45,6 +45,7 @@ import megalodon_flax as mf
 from benchmarks import common
 from benchmarks.common import OURS, PEER, fmt, int_list, peer_available, random_tokens, table
 from megalodon_flax.sampling import generate, lower_generate
+from tests.reference import megalodon_jax_bridge
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_OUT = os.path.join(HERE, "results", "bench_generate.json")
@@ -107,7 +108,7 @@ class PeerGen:
 
         self.mj = megalodon_jax
         self.cfg = cfg
-        self.peer_cfg = common.peer_config(cfg)
+        self.peer_cfg = megalodon_jax_bridge.megalodon_jax_config(cfg, strict=False)
         self.model = megalodon_jax.MegalodonForCausalLM(self.peer_cfg, key=jax.random.PRNGKey(0))
         # init_cache(cfg) is the all-None cache, the same start as cache=None.
         self._prefill = eqx.filter_jit(lambda m, t: m(t, cache=None, return_cache=True))

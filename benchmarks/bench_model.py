@@ -46,6 +46,7 @@ from benchmarks.common import (
     table,
 )
 from megalodon_flax.megalodon.cema import cema, cema_coefficients
+from tests.reference import megalodon_jax_bridge
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_OUT = os.path.join(HERE, "results", "bench_model.json")
@@ -193,7 +194,7 @@ class PeerModel:
 
         self.eqx = eqx
         self.cfg = cfg
-        self.peer_cfg = common.peer_config(cfg)
+        self.peer_cfg = megalodon_jax_bridge.megalodon_jax_config(cfg, strict=False)
         model = megalodon_jax.MegalodonForCausalLM(self.peer_cfg, key=jax.random.PRNGKey(0))
         self.params, self.static = eqx.partition(model, eqx.is_inexact_array)
 

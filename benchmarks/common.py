@@ -222,36 +222,6 @@ def write_json(path: str, payload: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def peer_config(cfg: Any) -> Any:
-    """The megalodon-jax config with our hyper-parameters (upstream bias set, same head tying)."""
-    import megalodon_jax
-
-    dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-    return megalodon_jax.MegalodonConfig(
-        vocab_size=cfg.vocab_size,
-        model_dim=cfg.model_dim,
-        num_layers=cfg.num_layers,
-        num_heads=cfg.num_heads,
-        z_dim=cfg.z_dim,
-        value_dim=cfg.value_dim,
-        ffn_hidden_dim=cfg.ffn_hidden_dim,
-        cema_ndim=cfg.cema_ndim,
-        chunk_size=cfg.chunk_size,
-        norm_num_groups=cfg.norm_num_groups,
-        norm_eps=cfg.norm_eps,
-        rope_base=cfg.rope_base,
-        swiglu=cfg.swiglu,
-        rescale_nffn=cfg.rescale_nffn,
-        scale_emb=cfg.scale_emb,
-        share_emb=cfg.tied,
-        norm_affine=cfg.norm_affine,
-        init_mode=cfg.init_mode,
-        output_size=cfg.output_size,
-        param_dtype=dtypes[cfg.param_dtype],
-        compute_dtype=dtypes[cfg.compute_dtype],
-    )
-
-
 # ---------------------------------------------------------------------------- shared by the CLIs
 OURS = "ours"
 PEER = "megalodon_jax"

@@ -7,6 +7,12 @@ prompts), then decodes one token per step with the cache inside a single compile
 baseline decodes with a `LlamaCache` KV buffer sized for the prompt and all new tokens
 (P + T positions per layer).
 
+Generated ids are fed back as inputs, so `generate` samples only ids the embedding has: the
+first min(vocab_size, output width) logits of each step (a head wider than the vocabulary,
+`MegalodonConfig.output_size > vocab_size`, has columns no input can take; they are never
+drawn). The prompt's ids are checked by the same rule as the models' inputs
+(`layers.input_checks.check_token_range`).
+
 Sampling (`sample_logits`, `filter_logits`) works on float32 logits (B, V):
 
 * temperature 0 is greedy argmax (the filters below are then irrelevant);
@@ -32,6 +38,7 @@ import numpy as np
 
 from megalodon_flax import families
 from megalodon_flax.families import LanguageModel, decode_cache
+from megalodon_flax.layers.input_checks import check_token_range
 
 __all__ = ["filter_logits", "generate", "lower_generate", "sample_logits"]
 
@@ -211,14 +218,18 @@ def _generate_core(
     batch = prompt.shape[0]
     variables = {"params": _matmul_weights_in_compute_dtype(params, model.config)}
 
-    def sample(logits: jax.Array, key: jax.Array) -> jax.Array:
-        return _sample(logits, key, temperature, top_p, min_p, greedy, top_k, use_top_p, use_min_p)
-
     def freeze(token: jax.Array, finished: jax.Array) -> tuple[jax.Array, jax.Array]:
         if not use_stop:
             return token, finished
         token = jnp.where(finished, stop_token, token)
         return token, finished | (token == stop_token)
+
+    vocab = _sampled_vocabulary(model.config)
+
+    def sample(logits: jax.Array, key: jax.Array) -> jax.Array:
+        # Only ids the embedding has are ever fed back (a wider head's extra columns are cut).
+        logits = logits[..., :vocab]
+        return _sample(logits, key, temperature, top_p, min_p, greedy, top_k, use_top_p, use_min_p)
 
     keys = jax.random.split(rng, max_new_tokens)
     cache = decode_cache(model, batch, prompt.shape[1] + max_new_tokens)
@@ -271,14 +282,13 @@ def _check_prompt(prompt_tokens: Any, vocab_size: int) -> jax.Array:
         raise ValueError("prompt_tokens must hold at least one row (B >= 1)")
     if prompt.shape[1] == 0:
         raise ValueError("prompt_tokens is empty (P = 0); give at least one token")
-    if not isinstance(prompt, jax.core.Tracer):
-        host = np.asarray(prompt)
-        low, high = int(host.min()), int(host.max())
-        if low < 0 or high >= vocab_size:
-            raise ValueError(
-                f"prompt token ids must lie in [0, {vocab_size}), got range [{low}, {high}]"
-            )
+    check_token_range(prompt, vocab_size, name="prompt_tokens")
     return jnp.asarray(prompt, jnp.int32)
+
+
+def _sampled_vocabulary(config: Any) -> int:
+    """How many ids `generate` samples from: those both the head and the embedding have."""
+    return min(config.vocab_size, config.output_width)
 
 
 def _check_key(rng: Any) -> jax.Array:
@@ -308,7 +318,7 @@ def _core_arguments(
     """Validates the arguments of `generate` and maps them to those of `_generate_core`."""
     families.family_of_model(model)  # TypeError for anything but a family's LM
     cfg = model.config
-    vocab = cfg.output_width
+    vocab = _sampled_vocabulary(cfg)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral):
         raise TypeError(f"max_new_tokens must be an int, got {max_new_tokens!r}")
     if max_new_tokens < 1:
@@ -363,7 +373,8 @@ def generate(
       model: the `MegalodonLM` (or the `LlamaLM` baseline, whose KV buffer grows with
         P + T), in eval mode: dropout is off.
       params: its 'params' collection, boxed or unboxed (a {'params': ...} dict also works).
-      prompt_tokens: (B, P) int token ids, P >= 1, no padding (rows share the length).
+      prompt_tokens: (B, P) int token ids in [0, vocab_size) (checked when concrete), P >= 1,
+        no padding (rows share the length).
       max_new_tokens: T >= 1.
       rng: PRNG key; step t samples with the t-th key of `jax.random.split(rng, T)`.
       temperature, top_k, top_p, min_p: see `sample_logits`.
@@ -372,8 +383,10 @@ def generate(
         tokens except the last (feed `tokens[:, -1:]` to continue the streams).
 
     Returns:
-      (B, T) int32 new tokens, plus the final cache when `return_cache`: the model's
-      `ModelCache` (`MegalodonLM`) or `LlamaCache` of capacity P + T (`LlamaLM`).
+      (B, T) int32 new tokens, each in [0, min(vocab_size, output width)) (a head wider
+      than the vocabulary never yields an id the embedding lacks), plus the final cache
+      when `return_cache`: the model's `ModelCache` (`MegalodonLM`) or `LlamaCache` of
+      capacity P + T (`LlamaLM`).
     """
     tokens, cache = _generate_core(
         *_core_arguments(

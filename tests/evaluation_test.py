@@ -1,32 +1,24 @@
-"""Streaming and window evaluation against one-shot forwards computed independently."""
+"""Streaming and window evaluation (megalodon_flax.evaluation) against one-shot forwards.
+
+Oracle: one uncached forward over the whole stream (or each window), summed in float64.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 
-import _train_utils as tu
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from megalodon_flax import MegalodonConfig, MegalodonLM
+from megalodon_flax import MegalodonLM
 from megalodon_flax.data.pipeline import eval_batches
 from megalodon_flax.evaluation import stream_eval, window_eval
 from megalodon_flax.training.setup import setup_training
+from tests.factories import tiny_megalodon_config, tiny_train_config
 
-CONFIG = MegalodonConfig(
-    vocab_size=256,
-    model_dim=32,
-    num_layers=2,
-    num_heads=2,
-    z_dim=16,
-    value_dim=32,
-    ffn_hidden_dim=64,
-    cema_ndim=4,
-    chunk_size=8,
-    norm_num_groups=4,
-)
+CONFIG = tiny_megalodon_config(vocab_size=256)
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +70,7 @@ def test_window_eval_matches_independent_windows(model_and_params):
     data = np.random.default_rng(2).integers(0, 256, 100).astype(np.uint8)
     # The training setup's compiled eval step for this very model; the oracle below calls
     # `model.apply` directly on each window.
-    config = tu.tiny_config(seq_len=seq_len, eval={"batch_size": 3})
+    config = tiny_train_config(seq_len=seq_len, eval={"batch_size": 3})
     setup = setup_training(dataclasses.replace(config, model=CONFIG))
     assert setup.model == model
     batches = eval_batches(data, seq_len=seq_len, global_batch_size=3)

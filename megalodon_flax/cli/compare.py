@@ -3,6 +3,10 @@
     python -m megalodon_flax.cli.compare --workdirs=runs/megalodon,runs/llama --out=RESULTS.md
     python -m megalodon_flax.cli.compare --workdirs=runs/a,runs/b --names=small,large \
         --out=reports/RESULTS.md --plots_dir=reports/plots --title="Width sweep"
+
+Every argument is checked when the flags are parsed, before any run is read; a bad one ends
+the program with one line naming the flag. Missing folders of --out and --plots_dir are
+created.
 """
 
 from __future__ import annotations
@@ -12,26 +16,17 @@ from pathlib import Path
 from absl import app, flags
 
 from megalodon_flax import report, run_summary
-from megalodon_flax.cli import common
+from megalodon_flax.cli import arguments, common
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("workdirs", None, "Training workdirs (their event files), comma-separated.")
-flags.DEFINE_string("out", None, "Markdown file to write.")
-flags.DEFINE_string("plots_dir", None, "Folder of the PNG plots (default: plots/ beside --out).")
-flags.DEFINE_string("title", report.DEFAULT_TITLE, "Heading of the report.")
-flags.DEFINE_string("intro", None, "Markdown file whose text goes under the heading.")
-flags.DEFINE_list("names", None, "Run labels, comma-separated (default: workdir names).")
-flags.mark_flags_as_required(["workdirs", "out"])
+
+
+define_flags = arguments.define_compare_flags
 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if FLAGS.names is not None and len(FLAGS.names) != len(FLAGS.workdirs):
-        raise app.UsageError(
-            f"{len(FLAGS.names)} --names for {len(FLAGS.workdirs)} --workdirs; "
-            "give one name per workdir"
-        )
+        common.fail(f"unexpected arguments: {argv[1:]}")
     names = FLAGS.names or [None] * len(FLAGS.workdirs)
     try:
         runs = [run_summary.load_run(w, n) for w, n in zip(FLAGS.workdirs, names, strict=True)]
@@ -41,11 +36,12 @@ def main(argv: list[str]) -> None:
     if FLAGS.intro is not None:
         try:
             intro = Path(FLAGS.intro).read_text(encoding="utf-8")
-        except OSError as err:
+        except (OSError, UnicodeDecodeError) as err:
             common.fail(f"cannot read --intro {FLAGS.intro}: {err}")
     out = report.write_report(runs, FLAGS.out, FLAGS.plots_dir, FLAGS.title, intro)
     print(f"Wrote {out}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    define_flags()
+    app.run(main, flags_parser=common.parse_checked_flags)

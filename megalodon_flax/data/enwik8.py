@@ -8,6 +8,10 @@ bytes in ArrayRecord files, so that `tfds.data_source` reads it back without Ten
 Defining `Enwik8` registers the dataset name `enwik8` with tfds (it is not in the tfds catalog).
 Two configs exist: `full` (a manual `enwik8.zip` or the canonical download) and `sample` (the
 bundled prefix `sample/enwik8.zip`, kept apart so that it can never pass for a full build).
+
+A build records the file it was made from (path, size, SHA-256); `prepare` rebuilds it, with
+a warning naming both files, when the configured file's content differs. A file that is not a
+zip, is truncated or corrupt, or is too short stops the build with an `Enwik8FileError`.
 """
 
 from __future__ import annotations
@@ -16,7 +20,6 @@ import dataclasses
 import socket
 import threading
 import urllib.parse
-import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -26,6 +29,9 @@ import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
 from etils import epath
+
+from megalodon_flax.data import source_file
+from megalodon_flax.data.source_file import Enwik8FileError
 
 URL = "http://mattmahoney.net/dc/enwik8.zip"
 HOMEPAGE = "http://mattmahoney.net/dc/textdata.html"
@@ -38,6 +44,8 @@ SPLITS = ("train", "validation", "test")
 CHUNK_SIZE = 4096
 SAMPLE_ZIP = Path(__file__).resolve().parent / "sample" / ZIP_NAME
 REACHABILITY_TIMEOUT_S = 3.0
+# Fewest bytes a split may hold: one byte to read and one to predict.
+MIN_SPLIT_BYTES = 2
 
 _BANNER = "!" * 100
 
@@ -117,14 +125,16 @@ def compute_split_bounds(
     return bounds
 
 
+def _replace_hint() -> str:
+    return f"Replace it with {ZIP_NAME} from {URL} (do not unzip it)."
+
+
 def read_member(zip_path: epath.PathLike) -> bytes:
-    """Returns the unzipped `enwik8` member of `zip_path`."""
-    with epath.Path(zip_path).open("rb") as f, zipfile.ZipFile(f) as zf:
-        if MEMBER_NAME not in zf.namelist():
-            raise ValueError(
-                f"{zip_path} has no member {MEMBER_NAME!r} (members: {zf.namelist()[:5]})."
-            )
-        return zf.read(MEMBER_NAME)
+    """Returns the unzipped `enwik8` member of `zip_path` (`Enwik8FileError` names a bad file)."""
+    hint = _replace_hint()
+    return source_file.member_of(
+        source_file.read_zip_bytes(zip_path, hint), zip_path, MEMBER_NAME, hint
+    )
 
 
 def _missing_file_message(manual_dir: epath.Path, reason: str) -> str:
@@ -228,11 +238,24 @@ class Enwik8(tfds.core.GeneratorBasedBuilder):
         self, dl_manager: tfds.download.DownloadManager
     ) -> dict[str, Iterator[tuple[int, dict[str, Any]]]]:
         zip_path, source = self._locate_zip(dl_manager)
-        raw = read_member(zip_path)
-        bounds = compute_split_bounds(len(raw), self.builder_config.split_ends)
+        zip_bytes = source_file.read_zip_bytes(zip_path, _replace_hint())
+        raw = source_file.member_of(zip_bytes, zip_path, MEMBER_NAME, _replace_hint())
+        split_ends = self.builder_config.split_ends
+        try:
+            bounds = compute_split_bounds(len(raw), split_ends)
+            short = {n: e - s for n, (s, e) in bounds.items() if e - s < MIN_SPLIT_BYTES}
+            if short:
+                raise ValueError(f"splits {short} hold fewer than {MIN_SPLIT_BYTES} bytes")
+        except ValueError as err:
+            raise Enwik8FileError(
+                f"{zip_path} is too short: its {MEMBER_NAME} member has {len(raw):,} bytes, too "
+                f"few for train/validation/test ({str(err).rstrip('.')}). {_replace_hint()}"
+            ) from None
         logging.info("enwik8 from %s: %d bytes, splits %s", source, len(raw), bounds)
         self.info.metadata.update(
             source=source,
+            source_file=source_file.fingerprint(zip_path, zip_bytes),
+            split_ends=None if split_ends is None else list(split_ends),
             num_bytes=len(raw),
             split_bounds={name: list(b) for name, b in bounds.items()},
         )
@@ -317,26 +340,61 @@ def prepare(
             `<data_dir>/downloads/manual`.
 
     Returns:
-        The prepared builder.
+        The prepared builder. An existing build is reused when it was made from the same
+        content as the file configured now, and rebuilt (with a warning naming both files)
+        when not (`stale_build_reason`); a failed rebuild restores the old build.
 
     Raises:
         Enwik8UnavailableError: If the full file is neither in `manual_dir` nor downloadable.
+        Enwik8FileError: If the file is not a zip, truncated, corrupt or too short.
     """
     tfds.disable_progress_bar()
-    builder = tfds.builder(
-        "enwik8",
-        config=config,
-        data_dir=None if data_dir is None else str(data_dir),
-        file_format="array_record",
-        try_gcs=False,
-    )
-    builder.download_and_prepare(
-        file_format="array_record",
-        download_config=tfds.download.DownloadConfig(
-            manual_dir=None if manual_dir is None else str(manual_dir), try_download_gcs=False
-        ),
-    )
+
+    def make_builder() -> Enwik8:
+        return tfds.builder(
+            "enwik8",
+            config=config,
+            data_dir=None if data_dir is None else str(data_dir),
+            file_format="array_record",
+            try_gcs=False,
+        )
+
+    builder = make_builder()
+    stale = stale_build_reason(builder, manual_dir) if builder.data_path.exists() else None
+    old = builder.data_path.parent / f"{builder.data_path.name}.replaced"
+    if stale:  # set the old build aside until the new one is complete
+        logging.warning("Rebuilding enwik8 in %s: %s", builder.data_dir, stale)
+        if old.exists():
+            old.rmtree()
+        builder.data_path.rename(old)
+        builder = make_builder()
+    try:
+        builder.download_and_prepare(
+            file_format="array_record",
+            download_config=tfds.download.DownloadConfig(
+                manual_dir=None if manual_dir is None else str(manual_dir), try_download_gcs=False
+            ),
+        )
+    except BaseException:
+        if stale and not builder.data_path.exists():
+            old.rename(builder.data_path)
+        raise
+    if stale:
+        old.rmtree()
     return builder
+
+
+def stale_build_reason(builder: Enwik8, manual_dir: epath.PathLike | None) -> str | None:
+    """Why the existing build of `builder` no longer fits the file configured now, or None
+    (`source_file.stale_reason`: same SHA-256 and split ends, or no file to compare)."""
+    configured = epath.Path(SAMPLE_ZIP)
+    if not builder.builder_config.use_bundled_sample:
+        default = epath.Path(builder.data_dir_root) / "downloads" / "manual"
+        configured = epath.Path(manual_dir or default) / ZIP_NAME
+    ends = builder.builder_config.split_ends
+    return source_file.stale_reason(
+        builder.info.metadata or {}, configured, None if ends is None else list(ends)
+    )
 
 
 def load_enwik8_splits(
@@ -361,6 +419,8 @@ def load_enwik8_splits(
 
     Raises:
         Enwik8UnavailableError: If the full file is unavailable and fallback is not allowed.
+        Enwik8FileError: If the file is not a zip, truncated, corrupt or too short (never
+            replaced by the sample: the file given is wrong).
     """
     if jax.process_count() == 1:
         return _load_splits(data_dir, manual_dir, allow_sample_fallback)

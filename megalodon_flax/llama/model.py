@@ -9,19 +9,29 @@ For decoding, `LlamaLM` takes an explicit `LlamaCache` of fixed capacity: a call
 tokens writes their keys and values at positions [length, length + L) and attends to every
 filled position up to its own. Without a cache, `attention_mask` (B, L) marks the valid
 (right-padded) tokens; padded keys are never attended.
+
+Inputs are checked as `MegalodonLM`'s are (`layers.input_checks`): concrete token ids outside
+[0, vocab_size), a mask that is not 0/1 right padding, a cache of another structure, config
+or batch, or a call that does not fit the cache's capacity raise a ValueError. Under jit the
+structure checks still raise; the value checks cannot, so an out-of-range id embeds as zeros
+and its own logits are NaN, a row whose mask is not 0/1 right padding has NaN logits, and
+a call overflowing the KV buffer has NaN logits everywhere (rather than overwriting slots).
 """
 
 from __future__ import annotations
+
+import functools
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from megalodon_flax.layers import input_checks
 from megalodon_flax.layers.attention import masked_attention
 from megalodon_flax.layers.linear import Linear
 from megalodon_flax.layers.norms import RMSNorm
 from megalodon_flax.layers.rotary import apply_rope, rope_frequencies
-from megalodon_flax.llama.cache import LayerKV, LlamaCache
+from megalodon_flax.llama.cache import LayerKV, LlamaCache, init_cache
 from megalodon_flax.llama.config import LlamaConfig
 
 
@@ -170,20 +180,23 @@ class LlamaLM(nn.Module):
         Without `cache` positions are 0..L-1 and the returned cache is None (a fresh decode
         needs a buffer: pass `llama.cache.init_cache(...)`). `return_cache` exists for
         signature parity with `MegalodonLM`; a given cache is always returned updated.
-        `attention_mask` (B, L) marks valid tokens (right padding only); it cannot be combined
-        with a cache.
+        `attention_mask` (B, L) bool or 0/1 marks valid tokens (right padding only); it cannot
+        be combined with a cache. See the module docstring for the input checks.
         """
         del return_cache
+        cfg = self.config
+        tokens = input_checks.check_token_array(tokens)
+        input_checks.check_token_range(tokens, cfg.vocab_size)
         if attention_mask is not None and cache is not None:
             raise ValueError(
                 "attention_mask cannot be combined with a cache (cached calls take unpadded tokens)"
             )
-        if attention_mask is not None and attention_mask.shape != tokens.shape:
-            raise ValueError(
-                f"attention_mask shape {attention_mask.shape} != tokens shape {tokens.shape}"
-            )
-        key_valid = None if attention_mask is None else attention_mask.astype(bool)
-        cfg = self.config
+        key_valid, row_ok = None, None
+        if attention_mask is not None:
+            key_valid, row_ok = input_checks.check_attention_mask(attention_mask, tokens.shape)
+        fits = None
+        if cache is not None:
+            fits = check_cache(cfg, cache, tokens.shape)
         cd = cfg.compute_jnp_dtype
         embedding = self.param(
             "embedding",
@@ -195,7 +208,9 @@ class LlamaLM(nn.Module):
         start = None if cache is None else cache.length
         offset = 0 if start is None else start
         positions = offset + jnp.arange(length, dtype=jnp.int32)
-        x = jnp.take(embedding, tokens, axis=0).astype(cd)
+        ids, valid = input_checks.in_vocabulary(tokens, cfg.vocab_size)
+        x = jnp.take(embedding, ids, axis=0).astype(cd)
+        x = jnp.where(valid[..., None], x, jnp.zeros((), cd))  # an out-of-range id: zeros
         x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
         block = nn.remat(LlamaBlock, static_argnums=(6,)) if cfg.remat else LlamaBlock
         new_layers = []
@@ -207,6 +222,78 @@ class LlamaLM(nn.Module):
             new_layers.append(kv)
         h = _rms_norm(cfg, "norm")(x)
         logits = jnp.dot(h.astype(cd), embedding.astype(cd).T, preferred_element_type=jnp.float32)
+        for ok in (row_ok, fits):
+            if ok is not None:
+                valid = valid & ok
+        logits = input_checks.mark_invalid(logits, valid)
         if cache is None:
             return logits, None
         return logits, LlamaCache(tuple(new_layers), cache.length + length)
+
+
+_CACHE_SHAPES = {
+    ".layers[i].keys": "(B, capacity, num_heads, model_dim/num_heads)",
+    ".layers[i].values": "(B, capacity, num_heads, model_dim/num_heads)",
+    ".length": "() int",
+}
+_CACHE_ADVICE = (
+    "Build it with megalodon_flax.llama.init_cache(config, batch_size, capacity) for this "
+    "model's config, the batch size of the tokens and room for every position to decode."
+)
+
+
+@functools.lru_cache(maxsize=64)
+def _expected_cache(config: LlamaConfig, batch_size: int, capacity: int) -> LlamaCache:
+    return jax.eval_shape(lambda: init_cache(config, batch_size, capacity))
+
+
+def check_cache(
+    config: LlamaConfig, cache: object, tokens_shape: tuple[int, int]
+) -> jax.Array | None:
+    """Checks `cache` against `config` and the (B, L) tokens of a call.
+
+    Raises a ValueError naming what differs: not a `LlamaCache` (e.g. a Megalodon cache), the
+    layer count, the batch size, a leaf's shape or dtype kind (static, so also under jit);
+    for a concrete `cache.length`, a call that does not fit: length + L > capacity.
+
+    Returns:
+      None for a concrete length, else a () bool, False when the call overflows the buffer
+      (the caller then sets every logit of the call to NaN).
+    """
+    if not isinstance(cache, LlamaCache):
+        kind = type(cache).__name__
+        hint = " (a ModelCache belongs to MegalodonLM)" if kind == "ModelCache" else ""
+        raise ValueError(f"cache must be a LlamaCache, got a {kind}{hint}. {_CACHE_ADVICE}")
+    layers = cache.layers
+    if not isinstance(layers, tuple | list) or len(layers) != config.num_layers:
+        count = len(layers) if isinstance(layers, tuple | list) else type(layers).__name__
+        raise ValueError(
+            f"cache has {count} layers but config.num_layers = {config.num_layers}: it was "
+            f"built for another config. {_CACHE_ADVICE}"
+        )
+    batch, length = tokens_shape
+    shape = tuple(jnp.shape(layers[0].keys))
+    if len(shape) != 4:
+        raise ValueError(
+            f"cache.layers[0].keys has shape {shape}, expected {_CACHE_SHAPES['.layers[i].keys']}"
+            f". {_CACHE_ADVICE}"
+        )
+    if shape[0] != batch:
+        raise ValueError(
+            f"cache was built for batch size {shape[0]} but the tokens have batch size {batch}. "
+            f"{_CACHE_ADVICE}"
+        )
+    capacity = shape[1]
+    cache = cache.replace(layers=tuple(layers))  # a list of layers works in the model too
+    expected = _expected_cache(config, batch, capacity)
+    input_checks.check_cache_leaves(cache, expected, _CACHE_SHAPES, _CACHE_ADVICE)
+    if input_checks.is_traced(cache.length):
+        return cache.length + length <= capacity
+    filled = int(cache.length)
+    if not 0 <= filled <= capacity - length:
+        raise ValueError(
+            f"cache holds {filled} of its {capacity} positions; {length} more tokens do not fit "
+            f"(need 0 <= length and length + {length} <= capacity). Build the cache with a "
+            "larger capacity (prompt length + tokens to generate)."
+        )
+    return None

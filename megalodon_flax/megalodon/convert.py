@@ -10,14 +10,20 @@ Two PyTorch layouts are supported (spec §8):
 
 State dicts are ``{name: numpy array}``. ``.safetensors`` files need only ``safetensors`` and
 NumPy; ``.pt``/``.bin`` files need torch and are read with ``weights_only=True`` (no pickle
-code runs). Loading checks every key, shape and dtype and reports all problems at once.
+code runs). A Hugging Face model directory (``model.safetensors`` + ``config.json``, what
+megalodon-hf's ``from_pretrained`` loads) is written by `save_hf_directory` and read by
+`load_state_dict`. Loading checks every key, shape and dtype, and that every value is
+finite, and reports all problems at once; a file that cannot be read is named in the error.
 Training workdirs are exported and imported by `training.conversion` (command line:
 `python -m megalodon_flax.cli.convert`).
 """
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import tempfile
 from collections.abc import Mapping
 from typing import Any
 
@@ -51,6 +57,19 @@ class ConversionError(ValueError):
 
 
 # --------------------------------------------------------------------------- import
+def _non_finite(name: str, value: Any) -> str | None:
+    """`non-finite values: name holds ...` when a float array holds NaN or infinity."""
+    value = np.asarray(value)
+    if value.dtype.kind in "iub":
+        return None
+    value = as_float32(value)
+    nan, inf = int(np.isnan(value).sum()), int(np.isinf(value).sum())
+    if not nan and not inf:
+        return None
+    found = " and ".join(f"{n} {what}" for n, what in ((nan, "NaN"), (inf, "inf")) if n)
+    return f"non-finite values: {name} holds {found} of {value.size} values"
+
+
 def _dropped_parameters(config: MegalodonConfig, fmt: str) -> list[tuple[str, ...]]:
     """Our parameters with no counterpart in `fmt` (filled on import, checked on export)."""
     dropped = []
@@ -92,7 +111,8 @@ def from_state_dict(state_dict: Mapping[str, Any], config: MegalodonConfig, fmt:
       The 'params' collection: sensitive parameters float32, others `config.param_dtype`.
 
     Raises:
-      ConversionError: listing every missing, unexpected and mismatched entry at once.
+      ConversionError: listing every missing, unexpected and mismatched entry at once
+        (wrong shape, a dtype other than float32/bfloat16, NaN or infinity, ...).
     """
     entries = layout_entries(config, fmt)
     expected = {entry.key for entry in entries}
@@ -121,6 +141,13 @@ def from_state_dict(state_dict: Mapping[str, Any], config: MegalodonConfig, fmt:
             problems.append(
                 f"dtype mismatch: {entry.key} is {value.dtype}, expected float32 or bfloat16"
             )
+            continue
+        if entry.dtype is not None and value.dtype.kind not in "iu":
+            problems.append(f"dtype mismatch: {entry.key} is {value.dtype}, expected an integer")
+            continue
+        message = _non_finite(entry.key, value)
+        if message:
+            problems.append(message)
             continue
         if entry.check is not None:
             message = entry.check(value)
@@ -186,7 +213,7 @@ def to_state_dict(
     Raises:
       ConversionError: when the target layout cannot represent the parameters exactly
         (a non-zero bias the layout lacks, a trained FFN rescale for megalodon-hf, an untied
-        head that megalodon-hf would tie).
+        head that megalodon-hf would tie), or a parameter holds NaN or infinity.
     """
     if dtype not in ("float32", "bfloat16"):
         raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
@@ -199,6 +226,10 @@ def to_state_dict(
             as_float32(get_path(params, path)), _dropped_value(path, config)
         ):
             problems.append(f"{'/'.join(path)} has values the {fmt} layout cannot hold")
+    for path in flat_paths(params):
+        message = _non_finite("/".join(path), get_path(params, path))
+        if message:
+            problems.append(message)
     if fmt == "hf" and not config.tied and config.output_width == config.vocab_size:
         problems.append(
             "megalodon-hf ties the LM head whenever output width == vocab size, but this model's "
@@ -232,40 +263,169 @@ def _export_sensitive(key: str) -> bool:
 
 
 # --------------------------------------------------------------------------- files
+HF_WEIGHTS_NAME = "model.safetensors"
+HF_CONFIG_NAME = "config.json"
+_TORCH_SUFFIXES = (".pt", ".bin", ".pth")
+# Weight files of a Hugging Face model directory, in the order transformers prefers them.
+_DIRECTORY_WEIGHTS = (HF_WEIGHTS_NAME, "model.safetensors.index.json", "pytorch_model.bin")
+
+
 def save_state_dict(
     state_dict: Mapping[str, np.ndarray], path: str, metadata: dict[str, str] | None = None
 ) -> None:
-    """Writes a `.safetensors` file atomically (NumPy only)."""
+    """Writes a `.safetensors` file atomically (NumPy only); a failed write leaves no file.
+
+    `metadata` should hold `format: "pt"`: transformers refuses any other value.
+    """
     from safetensors.numpy import save_file
 
-    tmp = f"{path}.tmp"
-    save_file({k: np.asarray(v, order="C") for k, v in state_dict.items()}, tmp, metadata=metadata)
-    os.replace(tmp, path)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        arrays = {k: np.asarray(v, order="C") for k, v in state_dict.items()}
+        save_file(arrays, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_hf_directory(
+    state_dict: Mapping[str, np.ndarray],
+    hf_config: Mapping[str, Any],
+    directory: str,
+    metadata: dict[str, str] | None = None,
+) -> list[str]:
+    """Writes a Hugging Face model directory: `model.safetensors` + `config.json`.
+
+    megalodon-hf's `MegalodonForCausalLM.from_pretrained(directory)` loads it. Both files are
+    written into a temporary folder beside `directory` and then moved in, so a failed export
+    leaves nothing behind; an existing directory keeps its other files (a tokenizer, say).
+
+    Returns:
+        The files of `directory` that existed before and were replaced.
+
+    Raises:
+        ConversionError: `directory` is a file, or holds other weight files that
+            transformers would load instead (or as well).
+    """
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise ConversionError(f"{directory} is a file; the hf export writes a directory")
+    stale = [n for n in _DIRECTORY_WEIGHTS[1:] if os.path.exists(os.path.join(directory, n))]
+    if stale:
+        raise ConversionError(
+            f"{directory} holds {stale}, which transformers would load instead of the new "
+            f"{HF_WEIGHTS_NAME}; export into a new directory"
+        )
+    parent, name = os.path.split(os.path.abspath(directory))
+    tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
+    try:
+        save_state_dict(state_dict, os.path.join(tmp, HF_WEIGHTS_NAME), metadata)
+        with open(os.path.join(tmp, HF_CONFIG_NAME), "w", encoding="utf-8") as f:
+            json.dump(dict(hf_config), f, indent=2, sort_keys=True)
+            f.write("\n")
+        if not os.path.exists(directory):
+            os.rename(tmp, directory)
+            return []
+        replaced = []
+        for file_name in (HF_WEIGHTS_NAME, HF_CONFIG_NAME):
+            target = os.path.join(directory, file_name)
+            if os.path.exists(target):
+                replaced.append(file_name)
+            os.replace(os.path.join(tmp, file_name), target)
+        return replaced
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def weights_file(path: str) -> str:
+    """The weight file of `path`: itself, or the one a Hugging Face directory holds.
+
+    Raises:
+        FileNotFoundError: No such path, or a directory without a weight file.
+    """
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no checkpoint file at {path}")
+    if not os.path.isdir(path):
+        return path
+    for name in _DIRECTORY_WEIGHTS:
+        if os.path.isfile(os.path.join(path, name)):
+            return os.path.join(path, name)
+    raise FileNotFoundError(f"{path} is a directory without any of {list(_DIRECTORY_WEIGHTS)}")
 
 
 def load_state_dict(path: str) -> StateDict:
-    """Reads `.safetensors` (NumPy only) or `.pt`/`.bin`/`.pth` (torch, weights_only=True)."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no checkpoint file at {path}")
-    if path.endswith(".safetensors"):
-        from safetensors.numpy import load_file
+    """Reads `.safetensors` (NumPy only), `.pt`/`.bin`/`.pth` (torch, weights_only=True), or a
+    Hugging Face model directory (`model.safetensors`, a sharded index, `pytorch_model.bin`).
 
+    Raises:
+        FileNotFoundError: No such file, or a directory without weights.
+        ConversionError: A file that cannot be read (not safetensors, truncated, not a state
+            dict, ...); the message names it.
+    """
+    path = weights_file(path)
+    if path.endswith(".safetensors.index.json"):
+        return _load_sharded(path)
+    if path.endswith(".safetensors"):
+        return _load_safetensors(path)
+    if path.endswith(_TORCH_SUFFIXES):
+        return _load_torch(path)
+    raise ValueError(
+        f"unsupported checkpoint extension: {path} (.safetensors, .pt, .bin, .pth or a "
+        "Hugging Face model directory)"
+    )
+
+
+def _unreadable(path: str, what: str, err: BaseException) -> ConversionError:
+    first_line = (str(err).strip().splitlines() or [""])[0]
+    return ConversionError(f"{path} is not a readable {what} ({type(err).__name__}: {first_line})")
+
+
+def _load_safetensors(path: str) -> StateDict:
+    from safetensors.numpy import load_file
+
+    try:
         return dict(load_file(path))
-    if path.endswith((".pt", ".bin", ".pth")):
-        try:
-            import torch
-        except ImportError as err:
-            raise ImportError(
-                f"reading {path} needs torch; install it or convert the file to .safetensors"
-            ) from err
+    except Exception as err:  # SafetensorError, OSError, ...: name the file, whatever it is
+        raise _unreadable(path, "safetensors file", err) from err
+
+
+def _load_sharded(path: str) -> StateDict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            weight_map = json.load(f)["weight_map"]
+        shards = sorted(set(weight_map.values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise _unreadable(path, "safetensors index", err) from err
+    out: StateDict = {}
+    for shard in shards:
+        out.update(_load_safetensors(os.path.join(os.path.dirname(path), shard)))
+    return out
+
+
+def _load_torch(path: str) -> StateDict:
+    try:
+        import torch
+    except ImportError as err:
+        raise ImportError(
+            f"reading {path} needs torch; install it or convert the file to .safetensors"
+        ) from err
+    try:
         raw = torch.load(path, map_location="cpu", weights_only=True)
-        if isinstance(raw, Mapping) and "model" in raw and isinstance(raw["model"], Mapping):
-            raw = raw["model"]
-        out = {}
-        for key, tensor in raw.items():
-            if tensor.dtype == torch.bfloat16:
-                out[key] = tensor.float().numpy().astype(ml_dtypes.bfloat16)
-            else:
-                out[key] = tensor.numpy()
-        return out
-    raise ValueError(f"unsupported checkpoint extension: {path} (.safetensors, .pt, .bin, .pth)")
+    except Exception as err:  # bad zip, truncated, disallowed pickle: name the file
+        raise _unreadable(path, "PyTorch state dict", err) from err
+    for wrapper in ("model", "state_dict"):
+        if isinstance(raw, Mapping) and isinstance(raw.get(wrapper), Mapping):
+            raw = raw[wrapper]
+    if not isinstance(raw, Mapping):
+        raise ConversionError(f"{path} holds a {type(raw).__name__}, not a state dict")
+    out = {}
+    for key, tensor in raw.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise ConversionError(
+                f"{path}: {key!r} is a {type(tensor).__name__}, not a tensor (not a state dict?)"
+            )
+        if tensor.dtype == torch.bfloat16:
+            out[key] = tensor.detach().float().numpy().astype(ml_dtypes.bfloat16)
+        else:
+            out[key] = tensor.detach().numpy()
+    return out

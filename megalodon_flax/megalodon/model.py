@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from megalodon_flax.layers import initializers
+from megalodon_flax.layers import initializers, input_checks
 from megalodon_flax.layers.linear import Linear
-from megalodon_flax.megalodon.cache import LayerCache, ModelCache
+from megalodon_flax.megalodon.cache import LayerCache, ModelCache, init_cache
 from megalodon_flax.megalodon.config import MegalodonConfig
 from megalodon_flax.megalodon.ffn import NormalizedFFN
 from megalodon_flax.megalodon.mega import MovingAverageGatedAttention
@@ -72,9 +73,15 @@ class MegalodonModel(nn.Module):
         deterministic: bool = True,
         return_cache: bool = False,
     ) -> tuple[jax.Array, ModelCache | None]:
-        """tokens (B, L) int → final hidden states (B, L, D) compute dtype, updated cache."""
+        """tokens (B, L) int → final hidden states (B, L, D) compute dtype, updated cache.
+
+        An id outside [0, vocab_size) (possible only in traced tokens; `MegalodonLM` refuses
+        concrete ones) embeds as a zero vector, so it cannot reach other positions as NaN.
+        """
         cfg = self.config
-        x = self.embed(tokens)
+        ids, in_vocab = input_checks.in_vocabulary(tokens, cfg.vocab_size)
+        x = self.embed(ids)
+        x = jnp.where(in_vocab[..., None], x, jnp.zeros((), x.dtype))
         if cfg.scale_emb:
             x = x * jnp.asarray(math.sqrt(cfg.model_dim), x.dtype)
         if cfg.dropout > 0.0 and cfg.embedding_dropout:
@@ -106,8 +113,18 @@ class MegalodonLM(nn.Module):
     updated cache; without it every row starts fresh and the returned cache is None.
     `return_cache=True` without a cache starts fresh streams on the vectorized path and
     returns their cache (a faster prefill than passing `init_cache`). `attention_mask`
-    (B, L) marks valid tokens (right padding only); it cannot be combined with a cache.
-    Dropout needs `rngs={'dropout': key}` when `deterministic=False`.
+    (B, L) bool or 0/1 marks valid tokens (right padding only); it cannot be combined with
+    a cache. Dropout needs `rngs={'dropout': key}` when `deterministic=False`.
+
+    Input checks (`layers.input_checks`): a concrete call raises a ValueError for token ids
+    outside [0, vocab_size) (negative ids are not wrapped), for a mask that is not 0/1 or
+    not right padding, and for a cache whose structure does not match the config and the
+    batch (layer count, batch size, widths, chunk size, dtype kinds, another family's
+    cache). Under jit the cache check still raises (shapes are static) but values are
+    unknown, so instead: an out-of-range id embeds as zeros and its own logits are NaN
+    (other positions stay finite; earlier ones unchanged up to the float rounding of the
+    FFT CEMA path, later ones see a blank token), and every logit of a row whose mask is not
+    0/1 right padding is NaN.
     """
 
     config: MegalodonConfig
@@ -123,23 +140,19 @@ class MegalodonLM(nn.Module):
         return_cache: bool = False,
     ) -> tuple[jax.Array, ModelCache | None]:
         cfg = self.config
-        if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
-            raise ValueError(
-                f"tokens must be an int array (B, L), got {tokens.dtype}{tokens.shape}"
-            )
-        if tokens.shape[1] == 0:
-            raise ValueError("tokens must hold at least one position (L >= 1)")
+        tokens = input_checks.check_token_array(tokens)
+        input_checks.check_token_range(tokens, cfg.vocab_size)
         if attention_mask is not None and (cache is not None or return_cache):
             raise ValueError(
                 "attention_mask cannot be combined with a cache (streaming calls "
                 "take unpadded tokens)"
             )
-        if attention_mask is not None and attention_mask.shape != tokens.shape:
-            raise ValueError(
-                f"attention_mask shape {attention_mask.shape} != tokens shape {tokens.shape}"
-            )
+        mask, row_ok = None, None
+        if attention_mask is not None:
+            mask, row_ok = input_checks.check_attention_mask(attention_mask, tokens.shape)
+        if cache is not None:
+            check_cache(cfg, cache, tokens.shape[0])
         _reject_float16(self.variables)
-        mask = None if attention_mask is None else attention_mask.astype(bool)
         model = MegalodonModel(cfg, name="model")
         hidden, cache = model(tokens, cache, mask, deterministic, return_cache)
         if cfg.tied:
@@ -155,7 +168,62 @@ class MegalodonLM(nn.Module):
                 output_dtype=jnp.float32,
                 name="lm_head",
             )(hidden)
-        return logits, cache
+        valid = (tokens >= 0) & (tokens < cfg.vocab_size)
+        if row_ok is not None:
+            valid = valid & row_ok
+        return input_checks.mark_invalid(logits, valid), cache
+
+
+_CACHE_SHAPES = {
+    ".layers[i].norm.count": "(B,)",
+    ".layers[i].norm.mean": "(B, norm_num_groups)",
+    ".layers[i].norm.var": "(B, norm_num_groups)",
+    ".layers[i].cema": "(B, model_dim, cema_ndim)",
+    ".layers[i].attn.keys": "(B·num_heads, z_dim/num_heads, chunk_size)",
+    ".layers[i].attn.values": "(B·num_heads, chunk_size, value_dim/num_heads)",
+    ".layers[i].position": "() int",
+    ".final_norm.count": "(B,)",
+    ".final_norm.mean": "(B, norm_num_groups)",
+    ".final_norm.var": "(B, norm_num_groups)",
+}
+_CACHE_ADVICE = (
+    "Start the streams with megalodon_flax.init_cache(config, batch_size) for this model's "
+    "config and the batch size of the tokens (or pass return_cache=True without a cache)."
+)
+
+
+@functools.lru_cache(maxsize=64)
+def _expected_cache(config: MegalodonConfig, batch_size: int) -> ModelCache:
+    return jax.eval_shape(lambda: init_cache(config, batch_size))
+
+
+def check_cache(config: MegalodonConfig, cache: object, batch_size: int) -> None:
+    """Raises a ValueError naming what differs when `cache` is not a `ModelCache` of
+    `config` for `batch_size` streams: its type (e.g. a Llama cache), its layer count, its
+    batch size, then every leaf's shape and dtype kind. Shapes only, so it works under jit.
+    """
+    if not isinstance(cache, ModelCache):
+        kind = type(cache).__name__
+        hint = " (a LlamaCache belongs to LlamaLM)" if kind == "LlamaCache" else ""
+        raise ValueError(
+            f"cache must be a Megalodon ModelCache, got a {kind}{hint}. {_CACHE_ADVICE}"
+        )
+    layers = cache.layers
+    if not isinstance(layers, tuple | list) or len(layers) != config.num_layers:
+        count = len(layers) if isinstance(layers, tuple | list) else type(layers).__name__
+        raise ValueError(
+            f"cache has {count} layers but config.num_layers = {config.num_layers}: it was "
+            f"built for another config. {_CACHE_ADVICE}"
+        )
+    cache_batch = jnp.shape(cache.final_norm.count)[:1]
+    if cache_batch != (batch_size,):
+        raise ValueError(
+            f"cache was built for batch size {cache_batch[0] if cache_batch else '?'} but the "
+            f"tokens have batch size {batch_size}. {_CACHE_ADVICE}"
+        )
+    expected = _expected_cache(config, batch_size)
+    cache = cache.replace(layers=tuple(layers))  # a list of layers works in the model too
+    input_checks.check_cache_leaves(cache, expected, _CACHE_SHAPES, _CACHE_ADVICE)
 
 
 def _reject_float16(variables) -> None:

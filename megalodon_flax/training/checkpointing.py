@@ -1,22 +1,26 @@
 """Orbax checkpoints of the train state, the data position and the run's metadata.
 
-A checkpoint step directory `<workdir>/checkpoints/<step>/` holds three items:
+A checkpoint step directory `<workdir>/checkpoints/<step>/` holds four items:
 
 * `state`: the `TrainState` (step, params, optimizer state and the RNG key), sharded arrays;
 * `data`: JSON `{'step': ..., 'train_iterator': <iterator state>}`, the input position;
-* `meta`: JSON with the model config, to explain a mismatch in words.
+* `meta`: JSON with the model family and config, to check a resume and explain a mismatch;
+* `integrity`: JSON with a SHA-256 checksum per array (`training/integrity.py` states which).
 
-Restoring checks the stored tree against the target first, so a checkpoint of another model
-or a damaged one stops with a `CheckpointError` that names the directory. `restore_run`
-loads a finished or running training run back from its workdir (config and newest weights)
-for the tools: sampling, evaluation and conversion.
+Saving refuses a state with non-finite values and a disk without room for it; a failed save
+leaves no temp folder and ends in one `CheckpointError` line. Restoring takes the newest
+*complete* step (`training/checkpoint_files.py`), checks the stored tree against the target,
+then the checksums (checkpoints without them, written before they existed, skip this) and
+the finiteness of every array: a checkpoint of another model, a damaged or a non-finite one
+stops with a `CheckpointError` that names the directory and the array. `restore_run` loads a
+finished or running training run back from its workdir (config and newest weights) for the
+tools: sampling, evaluation and conversion.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import logging as py_logging
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -27,23 +31,27 @@ from absl import logging
 from etils import epath
 
 from megalodon_flax import families
+from megalodon_flax.training import checkpoint_files, integrity
 from megalodon_flax.training.config import TrainConfig
+from megalodon_flax.training.errors import (
+    CheckpointError,
+    NonFiniteTrainingError,
+    WorkdirError,
+)
+from megalodon_flax.training.orbax_noise import quiet_orbax_logs as quiet_orbax_logs
 
 STATE = "state"
 DATA = "data"
 META = "meta"
+INTEGRITY = "integrity"
 CHECKPOINT_SUBDIR = "checkpoints"
 CONFIG_FILENAME = "config.json"
-
-
-class CheckpointError(RuntimeError):
-    """Raised when a checkpoint cannot be restored (damaged or from another model)."""
 
 
 def create_manager(
     workdir: epath.PathLike, *, max_to_keep: int, async_save: bool = True
 ) -> ocp.CheckpointManager:
-    """Returns a CheckpointManager over `<workdir>/checkpoints` with the three items."""
+    """Returns a CheckpointManager over `<workdir>/checkpoints` with the four items."""
     # orbax (tensorstore) requires an absolute path; workdirs are usually given relative.
     directory = epath.Path(os.path.abspath(os.fspath(workdir))) / CHECKPOINT_SUBDIR
     return ocp.CheckpointManager(
@@ -55,6 +63,7 @@ def create_manager(
             STATE: ocp.StandardCheckpointHandler(),
             DATA: ocp.JsonCheckpointHandler(),
             META: ocp.JsonCheckpointHandler(),
+            INTEGRITY: ocp.JsonCheckpointHandler(),
         },
     )
 
@@ -62,6 +71,24 @@ def create_manager(
 def step_directory(manager: ocp.CheckpointManager, step: int) -> epath.Path:
     """Directory of checkpoint `step`."""
     return epath.Path(manager.directory) / str(step)
+
+
+def _last_complete(directory: epath.Path, before: int | None = None) -> str:
+    steps = [s for s in checkpoint_files.complete_steps(directory) if before is None or s < before]
+    if not steps:
+        return "the workdir holds no complete checkpoint"
+    return f"the newest complete checkpoint is {directory / str(steps[-1])}"
+
+
+def _save_failed(directory: epath.Path, err: BaseException) -> CheckpointError:
+    """One-line error for a failed save, after deleting its temp folders."""
+    removed = checkpoint_files.remove_temp_folders(directory)
+    cleaned = f"; its temp folders {removed} were removed" if removed else ""
+    return CheckpointError(
+        f"saving a checkpoint to {directory} failed ({checkpoint_files.short_cause(err)})"
+        f"{cleaned}; {_last_complete(directory)}. Free space or fix the file system and "
+        "rerun the same command (it resumes from the newest complete checkpoint)."
+    )
 
 
 def save(
@@ -79,18 +106,66 @@ def save(
         state: The train state (a pytree of global arrays).
         data_state: JSON-serializable position of the input pipeline.
         meta: JSON-serializable description of the run (model config).
+
+    Raises:
+        NonFiniteTrainingError: `state` holds a NaN or an infinity (nothing is written).
+        CheckpointError: Too little free space for the state (nothing is written), or the
+            save (or the previous asynchronous one) failed; its temp folders are removed.
     """
-    manager.save(
-        step,
-        args=ocp.args.Composite(
-            **{
-                STATE: ocp.args.StandardSave(state),
-                DATA: ocp.args.JsonSave(dict(data_state)),
-                META: ocp.args.JsonSave(dict(meta)),
-            }
-        ),
-        force=True,
-    )
+    directory = epath.Path(manager.directory)
+    bad = integrity.nonfinite_arrays(state)
+    if bad:
+        raise NonFiniteTrainingError(
+            f"refusing to save checkpoint {step} to {directory}: non-finite values in "
+            f"{_some(bad)}; {_last_complete(directory)}"
+        )
+    needed = checkpoint_files.state_nbytes(state) + checkpoint_files.SPACE_MARGIN_BYTES
+    free = checkpoint_files.free_bytes(directory)
+    if free < needed:
+        raise CheckpointError(
+            f"not enough free space to save checkpoint {step} in {directory}: it needs about "
+            f"{needed / 2**20:.1f} MiB, {free / 2**20:.1f} MiB are free; "
+            f"{_last_complete(directory)}. Free space and rerun the same command (it resumes "
+            "from the newest complete checkpoint)."
+        )
+    record = integrity.checksums(state) if jax.process_index() == 0 else {}
+    try:
+        manager.save(
+            step,
+            args=ocp.args.Composite(
+                **{
+                    STATE: ocp.args.StandardSave(state),
+                    DATA: ocp.args.JsonSave(dict(data_state)),
+                    META: ocp.args.JsonSave(dict(meta)),
+                    INTEGRITY: ocp.args.JsonSave(record),
+                }
+            ),
+            force=True,
+        )
+    except Exception as err:
+        raise _save_failed(directory, err) from None
+
+
+def finish(manager: ocp.CheckpointManager) -> None:
+    """Waits for a pending save and closes `manager`.
+
+    Raises:
+        CheckpointError: The pending save failed (its temp folders are removed).
+    """
+    try:
+        manager.wait_until_finished()
+    except Exception as err:
+        raise _save_failed(epath.Path(manager.directory), err) from None
+    finally:
+        try:
+            manager.close()
+        except Exception as err:  # only after a failed save, already reported
+            logging.warning("Closing the checkpoint manager: %s", checkpoint_files.short_cause(err))
+
+
+def _some(names: list[str], limit: int = 5) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 def _walk(tree: Any, prefix: str, out: dict[str, tuple[tuple[int, ...], str]]) -> None:
@@ -151,10 +226,69 @@ def _model_differences(stored_meta: Mapping[str, Any] | None, meta: Mapping[str,
     )
 
 
+def read_meta(step_dir: epath.Path) -> dict[str, Any] | None:
+    """The `meta` item of a checkpoint directory, or None if absent or unreadable."""
+    path = step_dir / META / "metadata"
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def latest_complete(directory: epath.PathLike, warn: bool = True) -> epath.Path | None:
+    """The newest complete step directory under `directory` (a checkpoints folder), if any;
+    `warn` logs each newer incomplete step folder that is skipped."""
+    directory = epath.Path(directory)
+    steps = checkpoint_files.complete_steps(directory)
+    skipped = [
+        p
+        for p in checkpoint_files.incomplete_steps(directory)
+        if warn and (not steps or int(p.name) > steps[-1])
+    ]
+    for path in skipped:
+        logging.warning(
+            "Skipping the incomplete checkpoint folder %s (its save did not finish)", path
+        )
+    return directory / str(steps[-1]) if steps else None
+
+
+def _fallback_advice(directory: epath.Path, step: int) -> str:
+    older = [s for s in checkpoint_files.complete_steps(directory.parent) if s < step]
+    if older:
+        return (
+            f"Move {directory} out of {directory.parent} to resume from the previous "
+            f"checkpoint (step {older[-1]})."
+        )
+    return "It is the only checkpoint: start the run over in another --workdir."
+
+
+def _read_integrity(directory: epath.Path) -> dict[str, Any] | None:
+    """The `integrity` item, None for checkpoints written before it existed."""
+    path = directory / INTEGRITY / "metadata"
+    if not (directory / INTEGRITY).exists():
+        return None
+    try:
+        record = json.loads(path.read_text())
+        if not isinstance(record, dict) or not isinstance(record.get("arrays"), dict):
+            raise ValueError("not a checksum record")
+    except (OSError, ValueError) as err:
+        advice = _fallback_advice(directory, int(directory.name))
+        raise CheckpointError(
+            f"checkpoint {directory} is damaged: its checksum record {path} is unreadable "
+            f"({checkpoint_files.short_cause(err)}). {advice}"
+        ) from None
+    return record
+
+
 def restore_latest(
     manager: ocp.CheckpointManager, target: Any, meta: Mapping[str, Any]
 ) -> tuple[int, Any, dict[str, Any]] | None:
-    """Restores the newest checkpoint onto the shardings of `target`.
+    """Restores the newest complete checkpoint onto the shardings of `target`.
+
+    Incomplete step folders (no commit marker) are skipped with a warning. The restored
+    arrays are checked against the checkpoint's checksums (when it has them) and for
+    non-finite values.
 
     Args:
         manager: From `create_manager`.
@@ -162,16 +296,17 @@ def restore_latest(
         meta: The current run's metadata, compared with the stored one for the error message.
 
     Returns:
-        `(step, state, data_state)`, or None when the directory holds no checkpoint.
+        `(step, state, data_state)`, or None when the directory holds no complete checkpoint.
 
     Raises:
-        CheckpointError: If the checkpoint is unreadable or does not fit `target`; the message
-            names the step directory.
+        CheckpointError: If the checkpoint is unreadable, damaged, non-finite or does not fit
+            `target`; the message names the step directory (and the array, when known).
     """
-    step = manager.latest_step()
-    if step is None:
+    directory = latest_complete(manager.directory)
+    if directory is None:
         return None
-    directory = step_directory(manager, step)
+    step = int(directory.name)
+    advice = _fallback_advice(directory, step)
     try:
         metadata = manager.item_metadata(step)
         stored_tree = metadata[STATE]
@@ -181,16 +316,10 @@ def restore_latest(
         stored = _flat_shapes(stored_tree, serialize=False)
     except Exception as err:
         raise CheckpointError(
-            f"Checkpoint {directory} is damaged or unreadable ({type(err).__name__}: {err}). "
-            f"Delete it (or the whole {manager.directory}) to start over."
-        ) from err
-    stored_meta = None
-    meta_path = directory / META / "metadata"
-    if meta_path.exists():
-        try:
-            stored_meta = json.loads(meta_path.read_text())
-        except (OSError, ValueError):
-            stored_meta = None
+            f"checkpoint {directory} is damaged or unreadable "
+            f"({checkpoint_files.short_cause(err)}). {advice}"
+        ) from None
+    stored_meta = read_meta(directory)
     problems = _describe_mismatch(stored, _flat_shapes(target, serialize=True))
     if problems:
         raise CheckpointError(
@@ -199,8 +328,10 @@ def restore_latest(
             + "\n  ".join(problems)
             + "\n"
             + _model_differences(stored_meta, meta)
-            + f" Use another --workdir or delete {manager.directory}."
+            + " Use another --workdir for this model, or rerun with the run's config "
+            f"({epath.Path(manager.directory).parent / CONFIG_FILENAME})."
         )
+    record = _read_integrity(directory)
     try:
         restored = manager.restore(
             step,
@@ -209,29 +340,32 @@ def restore_latest(
             ),
         )
     except Exception as err:
+        array = checkpoint_files.failed_array(err)
+        where = f": array {array} could not be read" if array else " and could not be restored"
         raise CheckpointError(
-            f"Checkpoint {directory} could not be restored ({type(err).__name__}: {err}). "
-            f"It is damaged or incompatible; delete it (or {manager.directory}) to start over."
-        ) from err
-    logging.info("Restored checkpoint %s", directory)
-    return step, restored[STATE], dict(restored[DATA])
-
-
-class _DropOrbaxInfo(py_logging.Filter):
-    """Drops orbax's INFO records (dozens per save); its warnings and errors pass."""
-
-    def filter(self, record: py_logging.LogRecord) -> bool:
-        return record.levelno >= py_logging.WARNING or "orbax" not in record.pathname
-
-
-_ORBAX_FILTER = _DropOrbaxInfo()
-
-
-def quiet_orbax_logs() -> None:
-    """Hides orbax's per-save INFO lines from the absl log (idempotent)."""
-    logger = py_logging.getLogger("absl")
-    if _ORBAX_FILTER not in logger.filters:
-        logger.addFilter(_ORBAX_FILTER)
+            f"checkpoint {directory} is damaged or truncated{where} "
+            f"({checkpoint_files.short_cause(err)}). {advice}"
+        ) from None
+    state = restored[STATE]
+    if record is not None:
+        damaged = integrity.damaged_arrays(state, record)
+        if damaged:
+            raise CheckpointError(
+                f"checkpoint {directory} is damaged: the bytes of {_some(damaged)} differ from "
+                f"those saved. {advice}"
+            )
+    bad = integrity.nonfinite_arrays(state)
+    if bad:
+        raise CheckpointError(
+            f"checkpoint {directory} holds non-finite values (NaN or inf) in {_some(bad)}: "
+            f"refusing to resume from it. {advice}"
+        )
+    logging.info(
+        "Restored checkpoint %s (%s)",
+        directory,
+        "checksums verified" if record is not None else "no checksums: written before them",
+    )
+    return step, state, dict(restored[DATA])
 
 
 def save_config(config: TrainConfig, workdir: epath.PathLike) -> epath.Path:
@@ -246,21 +380,26 @@ def save_config(config: TrainConfig, workdir: epath.PathLike) -> epath.Path:
 
 
 def validate_workdir(workdir: epath.PathLike) -> epath.Path:
-    """Returns `workdir` as a path; raises ValueError if it or a parent is a file."""
+    """Returns `workdir` as a path; raises `WorkdirError` (a ValueError) if it or a parent is a
+    file."""
     path = epath.Path(workdir)
     if path.exists() and not path.is_dir():
-        raise ValueError(f"workdir {path} exists and is not a directory.")
+        raise WorkdirError(f"workdir {path} exists and is not a directory.")
     for parent in path.parents:
         if parent.exists():
             if not parent.is_dir():
-                raise ValueError(f"workdir {path}: {parent} is a file, not a directory.")
+                raise WorkdirError(f"workdir {path}: {parent} is a file, not a directory.")
             break
     return path
 
 
 def run_metadata(config: TrainConfig) -> dict[str, Any]:
-    """The `meta` item of a run's checkpoints: its model config and sequence length."""
-    return {"model": config.model.to_dict(), "seq_len": config.seq_len}
+    """The `meta` item of a run's checkpoints: its model family and config, sequence length."""
+    return {
+        "model_family": config.model_family,
+        "model": config.model.to_dict(),
+        "seq_len": config.seq_len,
+    }
 
 
 def load_run_config(workdir: epath.PathLike) -> TrainConfig:
@@ -303,6 +442,7 @@ def restore_run(workdir: epath.PathLike) -> TrainedRun:
     """
     from megalodon_flax.training.setup import setup_training
 
+    quiet_orbax_logs()
     config = load_run_config(workdir)
     setup = setup_training(config)
     manager = create_manager(workdir, max_to_keep=config.checkpoint.max_to_keep, async_save=False)

@@ -300,6 +300,8 @@ class TrainConfig(Section):
     grad_accum_steps: int = _field(1, _ge(1))
     # Optimizer updates.
     num_train_steps: int = _field(1200, _ge(1))
+    # A step whose loss, gradient norm or update is NaN/inf: 'stop' the run, or 'skip' it.
+    nan_policy: str = _field("stop", _one_of("stop", "skip"))
     # Write training scalars every this many steps.
     log_every_steps: int = _field(10, _ge(1))
     # Seconds between progress lines (steps/s, ETA).

@@ -8,6 +8,7 @@ resumes from the newest checkpoint (state, RNG and input position).
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -22,7 +23,14 @@ from megalodon_flax import evaluation, families, sampling
 from megalodon_flax.data import codec, enwik8, pipeline
 from megalodon_flax.megalodon import count_params
 from megalodon_flax.memory import peak_memory_mib
-from megalodon_flax.training import checkpointing
+from megalodon_flax.training import (
+    checkpoint_files,
+    checkpointing,
+    nonfinite,
+    resume,
+    workdir_lock,
+)
+from megalodon_flax.training.checkpointing import CHECKPOINT_SUBDIR
 from megalodon_flax.training.config import TrainConfig
 from megalodon_flax.training.setup import TrainingSetup, create_mesh, setup_training
 from megalodon_flax.training.steps import TrainState
@@ -93,8 +101,11 @@ def _log_parameter_overview(setup: TrainingSetup, params: Any) -> int:
 def train_and_evaluate(config: TrainConfig, workdir: str | epath.Path) -> TrainState:
     """Trains on enwik8 with periodic evaluation, sampling and checkpoints; resumes if possible.
 
-    Rerunning with the same `workdir` continues from its newest checkpoint (state, RNG and
-    input position), so an interrupted run reproduces the uninterrupted one.
+    Rerunning with the same `workdir` continues from its newest complete checkpoint (state,
+    RNG and input position), so an interrupted run reproduces the uninterrupted one. The run
+    holds the workdir's lock throughout, and writes nothing into the workdir before the
+    config was checked against the saved run (`training/resume.py`) and the checkpoint
+    restored.
 
     Args:
         config: The validated training config.
@@ -106,25 +117,52 @@ def train_and_evaluate(config: TrainConfig, workdir: str | epath.Path) -> TrainS
     Raises:
         ConfigError: On a mesh that does not fit, before any work.
         ValueError: If `workdir` is a file.
-        checkpointing.CheckpointError: If the newest checkpoint is damaged or from another model.
+        WorkdirLockedError: Another run trains in `workdir`.
+        checkpointing.CheckpointError: The newest checkpoint is damaged or from another model
+            (`ResumeMismatchError`), or a save failed.
+        NonFiniteTrainingError: A step went non-finite with `config.nan_policy='stop'`.
     """
     workdir = checkpointing.validate_workdir(workdir)
     mesh = create_mesh(config)
     checkpointing.quiet_orbax_logs()
     setup = setup_training(config, mesh)
+    with workdir_lock.locked(workdir):
+        return _train_locked(config, workdir, setup)
 
+
+def _checkpoint_dir(workdir: epath.Path) -> epath.Path:
+    """`<workdir>/checkpoints` as an absolute path (what the checkpoint manager uses)."""
+    return epath.Path(os.path.abspath(os.fspath(workdir))) / CHECKPOINT_SUBDIR
+
+
+def _restore_checked(
+    config: TrainConfig, workdir: epath.Path, setup: TrainingSetup
+) -> tuple[int, Any, dict[str, Any]] | None:
+    """Checks the run against the workdir and restores its newest complete checkpoint.
+
+    Reads only: nothing in the workdir changes if this raises.
+    """
+    newest = checkpointing.latest_complete(_checkpoint_dir(workdir), warn=False)
+    stored_meta = checkpointing.read_meta(newest) if newest is not None else None
+    resume.check_resume(workdir, config, newest, stored_meta)
+    if newest is None:
+        return None
+    reader = checkpointing.create_manager(
+        workdir, max_to_keep=config.checkpoint.max_to_keep, async_save=False
+    )
+    try:
+        return checkpointing.restore_latest(
+            reader, setup.abstract_state, checkpointing.run_metadata(config)
+        )
+    finally:
+        reader.close()
+
+
+def _train_locked(config: TrainConfig, workdir: epath.Path, setup: TrainingSetup) -> TrainState:
     from clu import metric_writers, periodic_actions  # import TensorFlow: start-up only
 
     is_chief = jax.process_index() == 0
-    if is_chief:
-        workdir.mkdir(parents=True, exist_ok=True)
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices("workdir created")
-    config_path = checkpointing.save_config(config, workdir)
-    logging.info("Config saved to %s", config_path)
-
+    restored = _restore_checked(config, workdir, setup)
     splits = enwik8.load_enwik8_splits(
         data_dir=config.data.data_dir,
         manual_dir=config.data.manual_dir,
@@ -133,11 +171,17 @@ def train_and_evaluate(config: TrainConfig, workdir: str | epath.Path) -> TrainS
     logging.info("Data: %s", splits.source)
     train_data, eval_data = splits["train"], splits[config.eval.split]
 
+    # Checked: from here on the workdir is written.
+    if is_chief:
+        checkpoint_files.set_aside_incomplete(_checkpoint_dir(workdir))
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("workdir checked")
     manager = checkpointing.create_manager(
         workdir, max_to_keep=config.checkpoint.max_to_keep, async_save=config.checkpoint.async_save
     )
+    config_path = checkpointing.save_config(config, workdir)
+    logging.info("Config saved to %s", config_path)
     meta = checkpointing.run_metadata(config)
-    restored = checkpointing.restore_latest(manager, setup.abstract_state, meta)
     if restored is None:
         state = setup.init_state()
         iterator_state = None
@@ -149,6 +193,11 @@ def train_and_evaluate(config: TrainConfig, workdir: str | epath.Path) -> TrainS
     initial_step = int(jax.device_get(state.step))
     num_steps = config.num_train_steps
     effective_batch = config.effective_batch_size
+    monitor = nonfinite.NonFiniteMonitor(
+        config.nan_policy,
+        epath.Path(manager.directory),
+        None if restored is None else restored[0],
+    )
 
     train_iter = pipeline.TrainIterator(
         train_data,
@@ -237,26 +286,42 @@ def train_and_evaluate(config: TrainConfig, workdir: str | epath.Path) -> TrainS
         logging.info("Training from step %d to %d", initial_step, num_steps)
     with contextlib.ExitStack() as stack:
         # Close the checkpoint manager (waiting for a pending save) even if training fails.
-        stack.callback(manager.close)
-        stack.callback(manager.wait_until_finished)
+        stack.callback(checkpointing.finish, manager)
         stack.enter_context(metric_writers.ensure_flushes(writer))
         for step in range(initial_step + 1, num_steps + 1):
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
                 batch = next(train_iter)
                 state, step_metrics = setup.train_step(state, batch)
+                monitor.record(step, step_metrics)
                 train_metrics = (
                     step_metrics if train_metrics is None else train_metrics.merge(step_metrics)
                 )
             for hook in hooks:
                 hook(step)
             is_last = step == num_steps
-            if step % config.log_every_steps == 0 or is_last:
+            is_log = step % config.log_every_steps == 0 or is_last
+            is_eval = step % config.eval.every_steps == 0 or is_last
+            every = config.sampling.every_steps
+            is_sample = bool(every) and (step % every == 0 or is_last)
+            is_save = step % config.checkpoint.every_steps == 0 or is_last
+            if is_log or is_eval or is_sample or is_save:
+                monitor.check()  # nothing non-finite is logged, evaluated or saved
+            if is_log:
                 scalars = jax.device_get(train_metrics.compute())
                 now = time.perf_counter()
                 elapsed = max(now - last_log_time - paused, 1e-9)
+                skipped = int(scalars.pop("skipped_updates"))
+                for key in ("nonfinite_loss", "nonfinite_grad_norm", "nonfinite_update"):
+                    scalars.pop(key)
                 summary = {f"train_{k}": float(v) for k, v in scalars.items()}
                 summary["learning_rate"] = summary.pop("train_learning_rate")
                 summary["grad_norm"] = summary.pop("train_grad_norm")
+                if config.nan_policy == "skip":
+                    summary["skipped_updates"] = skipped
+                    if skipped == step - last_log_step:  # no update applied: no averages
+                        for key in ("train_loss", "train_bits_per_byte", "train_loss_std"):
+                            summary.pop(key)
+                        summary.pop("grad_norm")
                 summary["tokens_per_sec"] = (step - last_log_step) * tokens_per_step / elapsed
                 summary["seconds_per_step"] = elapsed / (step - last_log_step)
                 summary["peak_memory_mb"] = peak_memory_mib()
@@ -264,13 +329,14 @@ def train_and_evaluate(config: TrainConfig, workdir: str | epath.Path) -> TrainS
                 train_metrics = None
                 last_log_time, last_log_step, paused = now, step, 0.0
             t0 = time.perf_counter()
-            if step % config.eval.every_steps == 0 or is_last:
+            if is_eval:
                 run_eval(step)
-            every = config.sampling.every_steps
-            if every and (step % every == 0 or is_last):
+            if is_sample:
                 run_sample(step)
-            if step % config.checkpoint.every_steps == 0 or is_last:
+            if is_save:
                 save_checkpoint(step)
+                monitor.saved(step)
             paused += time.perf_counter() - t0
-    logging.info("Finished at step %d; checkpoints in %s", num_steps, manager.directory)
+    skipped = f" ({monitor.skipped} updates skipped)" if monitor.skipped else ""
+    logging.info("Finished at step %d%s; checkpoints in %s", num_steps, skipped, manager.directory)
     return state

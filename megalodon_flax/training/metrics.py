@@ -2,6 +2,8 @@
 
 Per-token cross-entropy is float32. Per-token losses come with a boolean `token_mask` (the
 weight is positive), so padded positions count neither in the sum nor in the token count.
+Training metrics also count the steps whose loss, gradient norm or updated parameters were
+not finite; a skipped step (`config.nan_policy='skip'`) counts in none of the averages.
 """
 
 # No `from __future__ import annotations`: clu reads the metric classes from the annotations.
@@ -67,17 +69,51 @@ class Std(metrics.Std):
         return jnp.sqrt(jnp.maximum(variance, 0.0))
 
 
-def _masked_loss(loss: jnp.ndarray, token_mask: jnp.ndarray, **_) -> dict[str, jnp.ndarray]:
-    return {"values": loss, "mask": token_mask}
+@flax.struct.dataclass
+class Count(metrics.Metric):
+    """Number of steps for which a boolean model output was true (summed over merges)."""
+
+    total: jnp.ndarray
+
+    @classmethod
+    def empty(cls) -> "Count":
+        return cls(total=jnp.array(0, jnp.int32))
+
+    @classmethod
+    def from_model_output(cls, values: jnp.ndarray, **_) -> "Count":
+        return cls(total=jnp.sum(values).astype(jnp.int32))
+
+    def merge(self, other: "Count") -> "Count":
+        return type(self)(total=self.total + other.total)
+
+    def compute(self) -> jnp.ndarray:
+        return self.total
 
 
-def _masked_bits(loss: jnp.ndarray, token_mask: jnp.ndarray, **_) -> dict[str, jnp.ndarray]:
-    return {"values": loss / LN2, "mask": token_mask}
+def _applied(outputs: dict) -> jnp.ndarray:
+    """Whether the step counts in the averages: True unless it was skipped."""
+    return jnp.logical_not(outputs.get("skipped", False))
+
+
+def _masked_loss(loss: jnp.ndarray, token_mask: jnp.ndarray, **outputs) -> dict[str, jnp.ndarray]:
+    return {"values": loss, "mask": jnp.logical_and(token_mask, _applied(outputs))}
+
+
+def _masked_bits(loss: jnp.ndarray, token_mask: jnp.ndarray, **outputs) -> dict[str, jnp.ndarray]:
+    return {"values": loss / LN2, "mask": jnp.logical_and(token_mask, _applied(outputs))}
 
 
 def _scalar(name: str):
     def fun(**outputs) -> dict[str, jnp.ndarray]:
-        return {"values": jnp.reshape(outputs[name], (1,))}
+        mask = jnp.reshape(_applied(outputs), (1,))
+        return {"values": jnp.reshape(outputs[name], (1,)), "mask": mask}
+
+    return fun
+
+
+def _flag(name: str):
+    def fun(**outputs) -> jnp.ndarray:
+        return jnp.asarray(outputs.get(name, False))
 
     return fun
 
@@ -85,10 +121,12 @@ def _scalar(name: str):
 @flax.struct.dataclass
 class TrainMetrics(metrics.Collection):
     """Training metrics: token-averaged loss and bits per byte, the mean and spread of the
-    per-step loss and gradient norm, and the last learning rate.
+    per-step loss and gradient norm, the last learning rate, and counts of non-finite steps.
 
     Built with `single_from_model_output(loss=(..., L) per-token losses, token_mask=bool (..., L),
-    step_loss=(), grad_norm=(), learning_rate=())`.
+    step_loss=(), grad_norm=(), learning_rate=())` and optionally the boolean scalars
+    `nonfinite_loss`, `nonfinite_grad_norm`, `nonfinite_update` (the new parameters) and
+    `skipped` (the update was not applied; such a step counts in no average).
     """
 
     loss: metrics.Average.from_fun(_masked_loss)
@@ -96,6 +134,10 @@ class TrainMetrics(metrics.Collection):
     loss_std: Std.from_fun(_scalar("step_loss"))
     grad_norm: metrics.Average.from_fun(_scalar("grad_norm"))
     learning_rate: metrics.LastValue.from_fun(lambda learning_rate, **_: learning_rate)
+    nonfinite_loss: Count.from_fun(_flag("nonfinite_loss"))
+    nonfinite_grad_norm: Count.from_fun(_flag("nonfinite_grad_norm"))
+    nonfinite_update: Count.from_fun(_flag("nonfinite_update"))
+    skipped_updates: Count.from_fun(_flag("skipped"))
 
 
 @flax.struct.dataclass

@@ -195,6 +195,7 @@ def setup_training(config: TrainConfig, mesh: Mesh | None = None) -> TrainingSet
             model=model,
             learning_rate_fn=learning_rate_fn,
             dropout=uses_dropout(model_config),
+            skip_nonfinite=config.nan_policy == "skip",
         ),
         in_shardings=(state_shardings, train_batch_sharding),
         out_shardings=(state_shardings, metrics_sharding),

@@ -2,11 +2,17 @@
 
 Batches fed to `train_step` hold `(A, B, L)` arrays: `A = grad_accum_steps` micro-batches of
 `B = batch_size` rows; gradient accumulation runs inside the compiled step (`lax.scan` over
-micro-batches).
+micro-batches). Every step reports whether its loss, its gradient norm and its updated
+parameters are finite; with `skip_nonfinite` (`config.nan_policy='skip'`) a step where any of
+them is not keeps the previous parameters and optimizer moments: the update is not applied.
+The step counters (the state's and the optimizer's, which place the learning-rate schedule)
+and the RNG still advance, so the schedule, the data position and the checkpoint numbering
+stay those of the step.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -71,6 +77,7 @@ def train_step(
     model: families.LanguageModel,
     learning_rate_fn: optax.Schedule,
     dropout: bool = False,
+    skip_nonfinite: bool = False,
 ) -> tuple[TrainState, metrics_lib.TrainMetrics]:
     """One optimizer update from `A` accumulated micro-batches.
 
@@ -83,6 +90,8 @@ def train_step(
         model: The language model.
         learning_rate_fn: The schedule (for the logged learning rate).
         dropout: Run the model in training mode with dropout.
+        skip_nonfinite: Do not apply an update whose loss, gradient norm or new parameters
+            are not finite (the metrics count it in `skipped_updates`).
 
     Returns:
         The new state and the step's `TrainMetrics`.
@@ -125,14 +134,50 @@ def train_step(
         )
     grad_norm = optax.global_norm(grads)
     new_state = state.apply_gradients(grads=grads, rng=next_rng)
+    loss_ok, norm_ok = jnp.isfinite(loss), jnp.isfinite(grad_norm)
+    # The new parameters; the optimizer moments are finite whenever the gradient norm is (AdamW
+    # sums squares of gradients whose squares the norm already summed), and a save checks the
+    # whole state again.
+    update_ok = _all_finite(new_state.params)
+    ok = loss_ok & norm_ok & update_ok
+    skipped = jnp.logical_not(ok) if skip_nonfinite else jnp.bool_(False)
+    if skip_nonfinite:
+        new_state = new_state.replace(
+            params=jax.tree.map(functools.partial(_unless_bad, ok), new_state.params, state.params),
+            opt_state=jax.tree.map(
+                functools.partial(_unless_bad, ok), new_state.opt_state, state.opt_state
+            ),
+        )
     step_metrics = metrics_lib.TrainMetrics.single_from_model_output(
         loss=per_token,
         token_mask=weights > 0,
         step_loss=loss,
         grad_norm=grad_norm,
         learning_rate=learning_rate_fn(state.step),
+        nonfinite_loss=jnp.logical_not(loss_ok),
+        nonfinite_grad_norm=jnp.logical_not(norm_ok),
+        nonfinite_update=jnp.logical_not(update_ok),
+        skipped=skipped,
     )
     return new_state, step_metrics
+
+
+def _unless_bad(ok: jax.Array, new: jax.Array, old: jax.Array) -> jax.Array:
+    """`new` if the step is finite, else `old`; integer leaves (the optimizer's step counts,
+    which place the learning-rate schedule) always advance, like `TrainState.step`."""
+    if not jnp.issubdtype(new.dtype, jnp.inexact):
+        return new
+    return jnp.where(ok, new, old)
+
+
+def _all_finite(tree: Any) -> jax.Array:
+    """Whether every floating-point value of `tree` is finite (a scalar bool)."""
+    flags = [
+        jnp.all(jnp.isfinite(x))
+        for x in jax.tree.leaves(tree)
+        if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)
+    ]
+    return jnp.all(jnp.stack(flags)) if flags else jnp.bool_(True)
 
 
 def eval_step(
