@@ -43,11 +43,14 @@ class MappingConfig:
     def from_mapping(cls, values: Mapping[str, Any]) -> Self:
         """Builds a config from a mapping (a dict or an ml_collections ConfigDict).
 
-        Unknown keys are rejected with their names listed.
+        Unknown keys are rejected with their names listed. A boolean `remat` (the field
+        before `remat_policy`, in configs saved by older runs) reads as "full" or "none".
         """
         if hasattr(values, "to_dict"):
             values = values.to_dict()
         values = dict(values)
+        if "remat" in values and "remat_policy" not in values:
+            values["remat_policy"] = "full" if values.pop("remat") else "none"
         unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
             raise ConfigError(f"unknown {cls.__name__} keys: {unknown}")

@@ -51,6 +51,7 @@ DEFAULT_LOGICAL_AXIS_RULES: LogicalRules = (
     ("value", "tensor"),
     ("mlp", "tensor"),
     ("cema", None),
+    ("layers", None),
 )
 
 

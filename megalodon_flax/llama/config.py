@@ -6,6 +6,7 @@ import dataclasses
 import math
 
 from megalodon_flax.config_base import ConfigError, MappingConfig
+from megalodon_flax.layers.remat import REMAT_POLICIES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,7 +31,8 @@ class LlamaConfig(MappingConfig):
       param_dtype: storage dtype of the parameters.
       compute_dtype: dtype of matmul inputs and activations (norms, softmax and logits stay
         float32).
-      remat: rematerialize each block in the backward pass.
+      remat_policy: what the backward pass keeps of each block (`layers.remat`): "none",
+        "full", "save_dots" or "save_dots_no_batch".
     """
 
     vocab_size: int = 256
@@ -45,7 +47,7 @@ class LlamaConfig(MappingConfig):
     init_std: float = 0.02
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
-    remat: bool = False
+    remat_policy: str = "none"
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "model_dim", "num_layers", "num_heads", "ffn_hidden_dim"):
@@ -68,6 +70,10 @@ class LlamaConfig(MappingConfig):
             value = float(getattr(self, name))
             if not (math.isfinite(value) and value > 0):
                 raise ConfigError(f"{name} must be positive and finite, got {value}")
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ConfigError(
+                f"remat_policy must be one of {tuple(REMAT_POLICIES)}, got {self.remat_policy!r}"
+            )
         self._check_dtypes("it follows the Megalodon runs' dtype rules")
 
     @property

@@ -30,6 +30,7 @@ from megalodon_flax.layers import input_checks
 from megalodon_flax.layers.attention import masked_attention
 from megalodon_flax.layers.linear import Linear
 from megalodon_flax.layers.norms import RMSNorm
+from megalodon_flax.layers.remat import rematted
 from megalodon_flax.layers.rotary import apply_rope, rope_frequencies
 from megalodon_flax.llama.cache import LayerKV, LlamaCache, init_cache
 from megalodon_flax.llama.config import LlamaConfig
@@ -212,7 +213,7 @@ class LlamaLM(nn.Module):
         x = jnp.take(embedding, ids, axis=0).astype(cd)
         x = jnp.where(valid[..., None], x, jnp.zeros((), cd))  # an out-of-range id: zeros
         x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
-        block = nn.remat(LlamaBlock, static_argnums=(6,)) if cfg.remat else LlamaBlock
+        block = rematted(LlamaBlock, cfg.remat_policy, static_argnums=(6,))
         new_layers = []
         for i in range(cfg.num_layers):
             kv = None if cache is None else cache.layers[i]

@@ -40,19 +40,33 @@ class LayerCache:
 
 @struct.dataclass
 class ModelCache:
-    """Per-layer caches plus the final TimestepNorm state."""
+    """Per-layer caches plus the final TimestepNorm state.
 
-    layers: tuple[LayerCache, ...]
+    `layers` is a tuple of one `LayerCache` per block, or, for a config with `scan_layers`,
+    one `LayerCache` whose leaves are stacked on a leading num_layers axis.
+    """
+
+    layers: tuple[LayerCache, ...] | LayerCache
     final_norm: NormState
+
+    def layer_caches(self) -> tuple[LayerCache, ...]:
+        """One `LayerCache` per block, in either layout."""
+        if isinstance(self.layers, LayerCache):
+            count = self.layers.position.shape[0]
+            return tuple(jax.tree.map(lambda a, i=i: a[i], self.layers) for i in range(count))
+        return tuple(self.layers)
 
     @property
     def position(self) -> jax.Array:
         """Tokens consumed so far (int32 scalar)."""
+        if isinstance(self.layers, LayerCache):
+            return self.layers.position[0]
         return self.layers[0].position
 
 
 def init_cache(config: MegalodonConfig, batch_size: int, dtype: Any = None) -> ModelCache:
-    """A fresh cache for `batch_size` streams (no tokens consumed)."""
+    """A fresh cache for `batch_size` streams (no tokens consumed), in the layer layout of
+    `config` (stacked for `scan_layers`)."""
     dtype = config.compute_jnp_dtype if dtype is None else dtype
     c, h = config.chunk_size, config.num_heads
 
@@ -67,7 +81,9 @@ def init_cache(config: MegalodonConfig, batch_size: int, dtype: Any = None) -> M
             position=jnp.zeros((), jnp.int32),
         )
 
-    return ModelCache(
-        layers=tuple(layer() for _ in range(config.num_layers)),
-        final_norm=NormState.fresh(batch_size, config.norm_num_groups),
-    )
+    if config.scan_layers:
+        one = layer()
+        layers = jax.tree.map(lambda a: jnp.repeat(a[None], config.num_layers, axis=0), one)
+    else:
+        layers = tuple(layer() for _ in range(config.num_layers))
+    return ModelCache(layers=layers, final_norm=NormState.fresh(batch_size, config.norm_num_groups))

@@ -7,6 +7,8 @@ accumulate in float32; the softmax is float32; a row with no visible key outputs
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 
@@ -22,13 +24,19 @@ def chunked_attention(
     key_valid: jax.Array | None = None,
     compute_dtype=jnp.float32,
     prob_dropout: DropoutFn | None = None,
+    impl: str = "xla",
 ) -> jax.Array:
     """Block-diagonal causal attention for a sequence starting at a chunk boundary.
 
     Args:
       q, k: (B, L, H, Dh); v: (B, L, H, Dv); any L (the last chunk is padded internally).
       chunk_size: C.
-      key_valid: (B, L) bool, False for keys that must never be attended.
+      key_valid: (B, L) bool, False for keys that must never be attended. The
+        "dot_product" kernel takes it as per-chunk key counts, so there it must be right
+        padding (what the model passes).
+      impl: "xla" (`layers.attention.masked_attention`), "dot_product"
+        (`jax.nn.dot_product_attention`, chunks folded into the batch) or "auto" (see
+        `resolve_attention_impl`). Probability dropout always takes the "xla" kernel.
 
     Returns:
       (B, L, H, Dv) in compute_dtype.
@@ -41,12 +49,63 @@ def chunked_attention(
         a = jnp.pad(a, ((0, 0), (0, pad)) + ((0, 0),) * (a.ndim - 2))
         return a.reshape((batch, num_chunks, chunk_size, *a.shape[2:]))
 
-    allowed = jnp.tril(jnp.ones((chunk_size, chunk_size), bool))
-    if key_valid is not None:
-        kv = chunks(key_valid.astype(bool))  # (B, n, C)
-        allowed = allowed & kv[:, :, None, None, :]
-    out = masked_attention(chunks(q), chunks(k), chunks(v), allowed, compute_dtype, prob_dropout)
+    if resolve_attention_impl(impl) == "dot_product" and prob_dropout is None:
+        out = _dot_product_chunks(chunks(q), chunks(k), chunks(v), key_valid, chunks, compute_dtype)
+    else:
+        allowed = jnp.tril(jnp.ones((chunk_size, chunk_size), bool))
+        if key_valid is not None:
+            kv = chunks(key_valid.astype(bool))  # (B, n, C)
+            allowed = allowed & kv[:, :, None, None, :]
+        out = masked_attention(
+            chunks(q), chunks(k), chunks(v), allowed, compute_dtype, prob_dropout
+        )
     return out.reshape((batch, num_chunks * chunk_size, *out.shape[3:]))[:, :length]
+
+
+def resolve_attention_impl(impl: str) -> str:
+    """The kernel an `attention_impl` setting runs on the default backend: "auto" is
+    "dot_product" on GPU (cuDNN's fused attention) and "xla" elsewhere, where the masked
+    softmax with its hand-written backward pass measured faster on CPU
+    (benchmarks/RESULTS.md, "Attention kernels")."""
+    if impl == "auto":
+        return "dot_product" if jax.default_backend() == "gpu" else "xla"
+    if impl not in ("xla", "dot_product"):
+        raise ValueError(f"attention_impl must be 'auto', 'xla' or 'dot_product', got {impl!r}")
+    return impl
+
+
+def _dot_product_chunks(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    key_valid: jax.Array | None,
+    chunks: Callable[[jax.Array], jax.Array],
+    compute_dtype,
+) -> jax.Array:
+    """Causal attention within each chunk through `jax.nn.dot_product_attention`.
+
+    q, k (B, n, C, H, Dh), v (B, n, C, H, Dv) → (B, n, C, H, Dv). Chunks fold into the batch.
+    The kernel needs one head width for Q, K and V, so the narrower side is zero-padded to
+    the wider (zeros add nothing to q·k, and padded value columns are sliced off). Scores
+    carry no 1/sqrt(Dh) (scale 1). A chunk with no valid key outputs zeros, as the xla path.
+    """
+    batch, num_chunks, size, heads, dh = q.shape
+    dv = v.shape[-1]
+    width = max(dh, dv)
+
+    def fold(a: jax.Array) -> jax.Array:
+        a = a.astype(compute_dtype).reshape(batch * num_chunks, size, heads, a.shape[-1])
+        return jnp.pad(a, ((0, 0), (0, 0), (0, 0), (0, width - a.shape[-1])))
+
+    lengths = None
+    if key_valid is not None:
+        lengths = jnp.sum(chunks(key_valid.astype(jnp.int32)), axis=-1).reshape(-1)
+    out = jax.nn.dot_product_attention(
+        fold(q), fold(k), fold(v), scale=1.0, is_causal=True, key_value_seq_lengths=lengths
+    )[..., :dv]
+    if lengths is not None:
+        out = jnp.where((lengths > 0)[:, None, None, None], out, jnp.zeros((), out.dtype))
+    return out.reshape(batch, num_chunks, size, heads, dv).astype(compute_dtype)
 
 
 # Rings are stored as (B·H, Dh, C) for keys and (B·H, C, Dv) for values (row b·H + h): the

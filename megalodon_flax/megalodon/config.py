@@ -10,9 +10,11 @@ import math
 from typing import Any
 
 from megalodon_flax.config_base import ConfigError, MappingConfig
+from megalodon_flax.layers.remat import REMAT_POLICIES
 
 _INIT_MODES = ("he", "bert", "gaussian", "xavier")
 _CEMA_PATHS = ("fft", "scan", "sequential")
+ATTENTION_IMPLS = ("auto", "xla", "dot_product")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,11 +30,22 @@ class MegalodonConfig(MappingConfig):
         "sequential" (lax.scan recurrence).
       sequential_cema_below: cached calls shorter than this use the sequential recurrence;
         longer ones use the FFT path with the initial-state bias and closed-form state.
-      cema_block_size: lags per block when building CEMA powers (bounds temporaries).
+      cema_block_size: lags per block when building CEMA powers. With factored powers a
+        block of K lags needs only D·N·2√K temporaries, so the default keeps calls up to 1M
+        tokens in one block (each extra block adds its ops to the compiled program).
       param_dtype: storage dtype of ordinary parameters (the sensitive set stays float32).
       compute_dtype: dtype of matmul inputs and activations; CEMA, TimestepNorm, norms,
         softmax and logits always compute in float32.
-      remat: rematerialize each block in the backward pass.
+      remat_policy: what the backward pass keeps of each block's forward pass
+        (`layers.remat.REMAT_POLICIES`): "none", "full" (recompute the block),
+        "save_dots" or "save_dots_no_batch" (keep matmul outputs).
+      scan_layers: run the blocks under `nn.scan` over parameters stacked on a leading
+        "layers" axis (one traced block: compile time flat in depth). The parameter tree
+        and cache differ by layout; `megalodon.layer_stack` converts between them.
+      attention_impl: chunk-local attention kernel: "xla" (the masked softmax of
+        `layers.attention`), "dot_product" (`jax.nn.dot_product_attention` with chunks
+        folded into the batch: cuDNN on NVIDIA GPUs, XLA elsewhere) or "auto" (the faster
+        one measured for the platform: dot_product on GPU, xla on CPU).
       mask_cema_inputs: zero masked inputs before the CEMA recurrence (megalodon-hf feeds
         padded positions through it: False).
       embedding_dropout: apply `dropout` to the embeddings (megalodon-hf does not: False).
@@ -94,10 +107,12 @@ class MegalodonConfig(MappingConfig):
     rope_layout: str = "adjacent"
     cema_path: str = "fft"
     sequential_cema_below: int = 32
-    cema_block_size: int = 4096
+    cema_block_size: int = 1 << 20
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
-    remat: bool = False
+    remat_policy: str = "none"
+    scan_layers: bool = False
+    attention_impl: str = "auto"
     mask_cema_inputs: bool = True
     embedding_dropout: bool = True
 
@@ -163,6 +178,8 @@ class MegalodonConfig(MappingConfig):
             ("timestep_norm_variant", ("upstream", "hf")),
             ("rope_layout", ("adjacent", "half_split")),
             ("cema_path", _CEMA_PATHS),
+            ("remat_policy", tuple(REMAT_POLICIES)),
+            ("attention_impl", ATTENTION_IMPLS),
         ):
             value = getattr(self, name)
             if value not in allowed:

@@ -32,6 +32,7 @@ import jax
 import ml_dtypes
 import numpy as np
 
+from megalodon_flax.megalodon import layer_stack
 from megalodon_flax.megalodon.config import MegalodonConfig
 from megalodon_flax.megalodon.state_dict_layout import (
     as_float32,
@@ -108,7 +109,8 @@ def from_state_dict(state_dict: Mapping[str, Any], config: MegalodonConfig, fmt:
       fmt: "hf" or "upstream".
 
     Returns:
-      The 'params' collection: sensitive parameters float32, others `config.param_dtype`.
+      The 'params' collection: sensitive parameters float32, others `config.param_dtype`,
+      in the layer layout of `config` (stacked for `scan_layers`).
 
     Raises:
       ConversionError: listing every missing, unexpected and mismatched entry at once
@@ -181,7 +183,7 @@ def from_state_dict(state_dict: Mapping[str, Any], config: MegalodonConfig, fmt:
             set_path(params, (*cema, "gamma_imag"), gamma[..., 1].copy())
     for path in _dropped_parameters(config, fmt):
         set_path(params, path, _dropped_value(path, config))
-    return _cast_params(params, config)
+    return layer_stack.to_layout(_cast_params(params, config), config.scan_layers)
 
 
 def _cast_params(params: Params, config: MegalodonConfig) -> Params:
@@ -204,7 +206,7 @@ def to_state_dict(
     """Exports our parameters as a PyTorch state dict of NumPy arrays.
 
     Args:
-      params: the 'params' collection (boxed or not).
+      params: the 'params' collection (boxed or not; either layer layout).
       config: its configuration.
       fmt: "hf" or "upstream".
       dtype: "float32" (default) or "bfloat16"; with bf16, CEMA, norm, Q/K affine and FFN
@@ -220,6 +222,7 @@ def to_state_dict(
     params = jax.device_get(nn.unbox(params))
     if isinstance(params, Mapping) and "params" in params:
         params = params["params"]
+    params = layer_stack.to_layout(params, scan_layers=False)
     problems = []
     for path in _dropped_parameters(config, fmt):
         if has_path(params, path) and not np.array_equal(

@@ -104,7 +104,7 @@ def to_hf_config(config: MegalodonConfig, torch_dtype: str = "float32") -> dict[
     out.update(
         num_attention_heads=config.num_heads,
         max_cache_len=config.chunk_size,
-        gradient_checkpointing=config.remat,
+        gradient_checkpointing=config.remat_policy != "none",
         is_decoder=True,
         use_cache=True,
         # transformers ties lm_head to the embedding unless this is false; megalodon-hf
@@ -149,7 +149,7 @@ def from_hf_config(values: Mapping[str, Any], name: str = "config.json") -> Mega
         )
     if fields.get("init_mode") == "none":  # initialization does not matter for loaded weights
         fields["init_mode"] = MegalodonConfig.init_mode
-    fields["remat"] = bool(values.get("gradient_checkpointing", False))
+    fields["remat_policy"] = "full" if values.get("gradient_checkpointing", False) else "none"
     try:
         return MegalodonConfig(**fields)
     except (ConfigError, TypeError) as err:

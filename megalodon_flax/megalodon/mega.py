@@ -114,7 +114,9 @@ class MovingAverageGatedAttention(nn.Module):
             prob_dropout = None
             if cfg.attention_dropout > 0.0 and not deterministic:
                 prob_dropout = nn.Dropout(cfg.attention_dropout, deterministic=False)
-            o = chunked_attention(q, k, v, cfg.chunk_size, mask, cd, prob_dropout)
+            o = chunked_attention(
+                q, k, v, cfg.chunk_size, mask, cd, prob_dropout, cfg.attention_impl
+            )
             new_cache = None
             if return_cache:
                 start = jnp.zeros((), jnp.int32)

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 
 from megalodon_flax.layers import initializers, input_checks
 from megalodon_flax.layers.linear import Linear
+from megalodon_flax.layers.remat import rematted
 from megalodon_flax.megalodon.cache import LayerCache, ModelCache, init_cache
 from megalodon_flax.megalodon.config import MegalodonConfig
 from megalodon_flax.megalodon.ffn import NormalizedFFN
@@ -33,12 +34,18 @@ class MegalodonBlock(nn.Module):
         mask: jax.Array | None = None,
         deterministic: bool = True,
         return_cache: bool = False,
+        layer_index: jax.Array | None = None,
     ) -> tuple[jax.Array, LayerCache | None]:
-        """x (B, L, D) → (B, L, D) and the layer's updated cache (None without a cache)."""
+        """x (B, L, D) → (B, L, D) and the layer's updated cache (None without a cache).
+
+        `layer_index` () int, given under `nn.scan` (where the module attribute is shared by
+        every layer), sets the per-layer FFN rescale at initialization.
+        """
         y, cache = MovingAverageGatedAttention(self.config, name="attn")(
             x, cache, mask, deterministic, return_cache
         )
-        out = NormalizedFFN(self.config, self.layer_index, name="ffn")(y, x, deterministic)
+        index = self.layer_index if layer_index is None else layer_index
+        out = NormalizedFFN(self.config, index, name="ffn")(y, x, deterministic)
         return nn.with_logical_constraint(out, ("batch", "length", "act_embed")), cache
 
 
@@ -58,10 +65,21 @@ class MegalodonModel(nn.Module):
             dtype=cfg.compute_jnp_dtype,
             param_dtype=cfg.params_jnp_dtype,
         )
-        block = MegalodonBlock
-        if cfg.remat:
-            block = nn.remat(MegalodonBlock, static_argnums=(4, 5))
-        self.layers = [block(cfg, i) for i in range(cfg.num_layers)]
+        block = rematted(
+            MegalodonBlock, cfg.remat_policy, static_argnums=(4, 5), scanned=cfg.scan_layers
+        )
+        if cfg.scan_layers:
+            scanned = nn.scan(
+                block,
+                variable_axes={"params": 0},
+                split_rngs={"params": True, "dropout": True},
+                in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, 0),
+                length=cfg.num_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )
+            self.layers = scanned(cfg)
+        else:
+            self.layers = [block(cfg, i) for i in range(cfg.num_layers)]
         self.norm = TimestepNorm(cfg.norm_num_groups, cfg.norm_eps, cfg.timestep_norm_variant)
         self.embedding_dropout = nn.Dropout(cfg.dropout)
 
@@ -87,15 +105,21 @@ class MegalodonModel(nn.Module):
         if cfg.dropout > 0.0 and cfg.embedding_dropout:
             x = self.embedding_dropout(x, deterministic=deterministic)
         x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
-        new_layers = []
-        for i, layer in enumerate(self.layers):
-            layer_cache = None if cache is None else cache.layers[i]
-            x, layer_cache = layer(x, layer_cache, mask, deterministic, return_cache)
-            new_layers.append(layer_cache)
+        if cfg.scan_layers:
+            indices = jnp.arange(cfg.num_layers, dtype=jnp.int32)
+            layer_caches = None if cache is None else cache.layers
+            x, new_layers = self.layers(x, layer_caches, mask, deterministic, return_cache, indices)
+        else:
+            new_layers = []
+            for i, layer in enumerate(self.layers):
+                layer_cache = None if cache is None else cache.layers[i]
+                x, layer_cache = layer(x, layer_cache, mask, deterministic, return_cache)
+                new_layers.append(layer_cache)
+            new_layers = tuple(new_layers)
         x, final_state = self.norm(x, None if cache is None else cache.final_norm, mask)
         if cache is None and not return_cache:
             return x, None
-        return x, ModelCache(layers=tuple(new_layers), final_norm=final_state)
+        return x, ModelCache(layers=new_layers, final_norm=final_state)
 
     def embedding_logits(self, x: jax.Array) -> jax.Array:
         """Tied head: x (B, L, D) · embeddingᵀ → float32 (B, L, V)."""
@@ -186,6 +210,16 @@ _CACHE_SHAPES = {
     ".final_norm.mean": "(B, norm_num_groups)",
     ".final_norm.var": "(B, norm_num_groups)",
 }
+_STACKED_CACHE_SHAPES = {
+    ".layers.norm.count": "(num_layers, B)",
+    ".layers.norm.mean": "(num_layers, B, norm_num_groups)",
+    ".layers.norm.var": "(num_layers, B, norm_num_groups)",
+    ".layers.cema": "(num_layers, B, model_dim, cema_ndim)",
+    ".layers.attn.keys": "(num_layers, B·num_heads, z_dim/num_heads, chunk_size)",
+    ".layers.attn.values": "(num_layers, B·num_heads, chunk_size, value_dim/num_heads)",
+    ".layers.position": "(num_layers,) int",
+    **{key: shape for key, shape in _CACHE_SHAPES.items() if key.startswith(".final")},
+}
 _CACHE_ADVICE = (
     "Start the streams with megalodon_flax.init_cache(config, batch_size) for this model's "
     "config and the batch size of the tokens (or pass return_cache=True without a cache)."
@@ -209,11 +243,20 @@ def check_cache(config: MegalodonConfig, cache: object, batch_size: int) -> None
             f"cache must be a Megalodon ModelCache, got a {kind}{hint}. {_CACHE_ADVICE}"
         )
     layers = cache.layers
-    if not isinstance(layers, tuple | list) or len(layers) != config.num_layers:
-        count = len(layers) if isinstance(layers, tuple | list) else type(layers).__name__
+    if config.scan_layers:
+        if not isinstance(layers, LayerCache):
+            raise ValueError(
+                "cache holds a tuple of per-layer caches but config.scan_layers is on (its "
+                f"cache stacks the layers on a leading axis). {_CACHE_ADVICE}"
+            )
+    elif not isinstance(layers, tuple | list) or len(layers) != config.num_layers:
+        if isinstance(layers, LayerCache):
+            count = "stacked"
+        else:
+            count = len(layers) if isinstance(layers, tuple | list) else type(layers).__name__
         raise ValueError(
-            f"cache has {count} layers but config.num_layers = {config.num_layers}: it was "
-            f"built for another config. {_CACHE_ADVICE}"
+            f"cache has {count} layers but config.num_layers = {config.num_layers} (and "
+            f"scan_layers off): it was built for another config. {_CACHE_ADVICE}"
         )
     cache_batch = jnp.shape(cache.final_norm.count)[:1]
     if cache_batch != (batch_size,):
@@ -222,8 +265,12 @@ def check_cache(config: MegalodonConfig, cache: object, batch_size: int) -> None
             f"tokens have batch size {batch_size}. {_CACHE_ADVICE}"
         )
     expected = _expected_cache(config, batch_size)
-    cache = cache.replace(layers=tuple(layers))  # a list of layers works in the model too
-    input_checks.check_cache_leaves(cache, expected, _CACHE_SHAPES, _CACHE_ADVICE)
+    if config.scan_layers:
+        shapes = _STACKED_CACHE_SHAPES
+    else:
+        cache = cache.replace(layers=tuple(layers))  # a list of layers works in the model too
+        shapes = _CACHE_SHAPES
+    input_checks.check_cache_leaves(cache, expected, shapes, _CACHE_ADVICE)
 
 
 def _reject_float16(variables) -> None:

@@ -55,6 +55,67 @@ def _chan_merge(
     return n, mu, m2
 
 
+# Timesteps per block of the running summaries: prefix sums inside a block, Chan merges of
+# whole blocks in a sequential loop. Both compile to a handful of ops (a parallel prefix over
+# all L timesteps unrolls into O(log L) stages of slices and merges, and compiled 10× slower).
+SUMMARY_BLOCK = 128
+
+
+def _running_summaries(
+    elems: tuple[jax.Array, jax.Array, jax.Array],
+    incoming: tuple[jax.Array, jax.Array, jax.Array],
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """Inclusive running merge of per-timestep summaries after an incoming one.
+
+    Args:
+      elems: (n, mean, M2) each (B, L, G): timestep t's count (0 or 1), mean and M2.
+      incoming: (n, mean, M2) each (B, G), merged before timestep 0.
+
+    Returns:
+      n, mean, M2 (B, L, G) of incoming ∪ timesteps 0..t, and the count of timesteps 0..t
+      alone (B, L, G).
+
+    Inside a block of `SUMMARY_BLOCK` timesteps the sums run relative to the block's own
+    mean (so no offset enters them): N = Σn, S = Σn·d, Q = Σ(M2 + n·d²) with d = mean − the
+    block mean, giving mean = block mean + S/N and M2 = Q − S²/N. Block totals are merged
+    into the carried summary with Chan's formula in a loop over the L/SUMMARY_BLOCK blocks.
+    """
+    n, mu, m2 = elems
+    batch, length, groups = n.shape
+    size = min(SUMMARY_BLOCK, length)
+    blocks = -(-length // size)
+    pad = blocks * size - length
+
+    def split(a: jax.Array) -> jax.Array:  # (B, L, G) → (nb, B, S, G)
+        a = jnp.pad(a, ((0, 0), (0, pad), (0, 0)))
+        return a.reshape(batch, blocks, size, groups).transpose(1, 0, 2, 3)
+
+    n, mu, m2 = split(n), split(mu), split(m2)
+    count = jnp.sum(n, axis=2, keepdims=True)
+    center = jnp.sum(n * mu, axis=2, keepdims=True) / jnp.where(count > 0, count, 1.0)
+    d = jnp.where(n > 0, mu - center, 0.0)
+    cum_n = jnp.cumsum(n, axis=2)
+    cum_s = jnp.cumsum(n * d, axis=2)
+    cum_q = jnp.cumsum(m2 + n * d * d, axis=2)
+    safe = jnp.where(cum_n > 0, cum_n, 1.0)
+    local = (cum_n, center + cum_s / safe, cum_q - cum_s * cum_s / safe)
+    totals = tuple(a[:, :, -1] for a in local)  # (nb, B, G)
+
+    def step(carry, block_total):
+        merged = _chan_merge(carry, block_total)
+        return merged, carry
+
+    _, before = jax.lax.scan(step, incoming, totals)  # summary before each block
+    before = tuple(a[:, :, None] for a in before)
+    n_tot, mean, m2_tot = _chan_merge(before, local)
+
+    def join(a: jax.Array) -> jax.Array:  # (nb, B, S, G) → (B, L, G)
+        return a.transpose(1, 0, 2, 3).reshape(batch, blocks * size, groups)[:, :length]
+
+    n_call = join(local[0] + (jnp.cumsum(count, axis=0) - count))
+    return join(n_tot), join(mean), join(m2_tot), n_call
+
+
 def _anchored_statistics(
     x: jax.Array, num_groups: int, state: NormState, mask: jax.Array | None
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, NormState]:
@@ -85,17 +146,11 @@ def _anchored_statistics(
     blk_var = jnp.mean(jnp.square(xg - blk_mean[..., None]), axis=-1)
     n = jnp.broadcast_to(v.astype(jnp.float32), blk_mean.shape)
     elems = (n, jnp.where(v, blk_mean, 0.0), jnp.where(v, blk_var, 0.0))
-    prefix = jax.lax.associative_scan(_chan_merge, elems, axis=1)
-
-    c0 = state.count.astype(jnp.float32)[:, None, None]
-    incoming = (
-        jnp.broadcast_to(c0, blk_mean.shape),
-        jnp.broadcast_to(state.mean[:, None, :] - anchor, blk_mean.shape),
-        jnp.broadcast_to(c0 * state.var[:, None, :], blk_mean.shape),
-    )
-    n_tot, mean, m2 = _chan_merge(incoming, prefix)
+    c0 = state.count.astype(jnp.float32)[:, None]
+    incoming = (c0 * jnp.ones_like(state.mean), state.mean - anchor[:, 0], c0 * state.var)
+    n_tot, mean, m2, n_call = _running_summaries(elems, incoming)
     # Before the first valid step of the call the incoming variance is kept bit-exact.
-    var = jnp.where(prefix[0] > 0, m2 / jnp.where(n_tot > 0, n_tot, 1.0), state.var[:, None, :])
+    var = jnp.where(n_call > 0, m2 / jnp.where(n_tot > 0, n_tot, 1.0), state.var[:, None, :])
     new_count = state.count + jnp.sum(valid, axis=1, dtype=jnp.int32)
     new_state = NormState(count=new_count, mean=anchor[:, 0] + mean[:, -1], var=var[:, -1])
     return xg, anchor, mean, var, new_state

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from megalodon_flax.megalodon import layer_stack
 from megalodon_flax.training.config import OptimizerConfig, TrainConfig
 
 
@@ -42,7 +43,13 @@ def create_learning_rate_fn(config: TrainConfig) -> optax.Schedule:
 
 
 def _matrix_mask(params: Any) -> Any:
-    return jax.tree.map(lambda p: p.ndim >= 2, params)
+    """True for weight matrices; a stacked layer axis (scanned layers) does not count."""
+
+    def is_matrix(path: tuple[Any, ...], p: jax.Array) -> bool:
+        stacked = any(getattr(key, "key", None) == layer_stack.STACKED_KEY for key in path)
+        return p.ndim - int(stacked) >= 2
+
+    return jax.tree_util.tree_map_with_path(is_matrix, params)
 
 
 def create_optimizer(

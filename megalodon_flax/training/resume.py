@@ -6,8 +6,9 @@ The rule (also in the README, "Resuming: what may change"):
   `MegalodonConfig` / `LlamaConfig` and `model_family`, except the ones listed below. This
   holds even when the shapes agree (`chunk_size`, `timestep_norm_variant`, `norm_eps`, ...).
 * Model fields that change only how the same function is computed or trained are logged:
-  `remat`, `cema_path`, `sequential_cema_below`, `cema_block_size` (the CEMA paths compute
-  the same recurrence), `compute_dtype` (the matmul precision; the stored parameters keep
+  `remat_policy`, `scan_layers` (the checkpoint's parameters are restacked on restore),
+  `attention_impl`, `cema_path`, `sequential_cema_below`, `cema_block_size` (the CEMA paths
+  compute the same recurrence), `compute_dtype` (the matmul precision; the stored parameters keep
   their `param_dtype`), `init_mode` / `init_std` (used only to initialize, and the
   parameters now come from the checkpoint) and the dropout rates (`dropout`,
   `attention_dropout`, `hidden_dropout`, `embedding_dropout`: training-time noise, the
@@ -36,7 +37,15 @@ from megalodon_flax.training.errors import ResumeMismatchError
 
 # Model fields that change how the same function is computed, not the function.
 EXECUTION_FIELDS = frozenset(
-    {"remat", "cema_path", "sequential_cema_below", "cema_block_size", "compute_dtype"}
+    {
+        "remat_policy",
+        "scan_layers",
+        "attention_impl",
+        "cema_path",
+        "sequential_cema_below",
+        "cema_block_size",
+        "compute_dtype",
+    }
 )
 # Model fields used only to initialize parameters (a resume restores them instead).
 INIT_FIELDS = frozenset({"init_mode", "init_std"})

@@ -122,10 +122,14 @@ def test_oracle_logits_are_order_one(oracle):
     assert 0.3 < oracle.std() < 10.0
 
 
-@pytest.mark.parametrize("rope_layout", ["adjacent", "half_split"])
-def test_logits_match_hf_over_several_chunks(state_dict, tokens, oracle, rope_layout):
-    """L = 2C+3, no padding: 'adjacent' permutes Z at conversion, 'half_split' does not."""
-    config = _config(rope_layout)
+@pytest.mark.parametrize(
+    ("rope_layout", "scan_layers"),
+    [("adjacent", False), ("half_split", False), ("adjacent", True)],
+)
+def test_logits_match_hf_over_several_chunks(state_dict, tokens, oracle, rope_layout, scan_layers):
+    """L = 2C+3, no padding: 'adjacent' permutes Z at conversion, 'half_split' does not;
+    with scanned layers the conversion stacks the blocks."""
+    config = _config(rope_layout, scan_layers=scan_layers)
     params = from_state_dict(state_dict, config, "hf")
     ours, _ = _logits(config, params, tokens)
     np.testing.assert_allclose(ours, oracle, atol=ATOL, rtol=0)
@@ -170,11 +174,13 @@ def test_padded_batch_equals_shorter_sequence_in_oracle(state_dict, tokens):
     np.testing.assert_allclose(padded[:, :short], alone, atol=1e-12, rtol=0)
 
 
-def test_streaming_split_matches_hf_one_shot(state_dict, tokens, oracle):
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_streaming_split_matches_hf_one_shot(state_dict, tokens, oracle, scan_layers):
     """Our init_cache path with calls of 5, 1 and 13 tokens (crossing both chunk
-    boundaries) reproduces HF's one-shot logits; HF's own chunk-local streaming cache (the
-    oracle's cached path) equals its one-shot pass."""
-    config = _config()
+    boundaries) reproduces HF's one-shot logits, also with scanned layers (stacked cache);
+    HF's own chunk-local streaming cache (the oracle's cached path) equals its one-shot
+    pass."""
+    config = _config(scan_layers=scan_layers)
     params = from_state_dict(state_dict, config, "hf")
     cache = init_cache(config, BATCH)
     state = hf_reference.hf_init_state(state_dict, SMALL, BATCH)
@@ -190,7 +196,7 @@ def test_streaming_split_matches_hf_one_shot(state_dict, tokens, oracle):
     np.testing.assert_allclose(np.concatenate(hf_parts, axis=1), oracle, atol=1e-10, rtol=0)
     np.testing.assert_allclose(np.concatenate(ours_parts, axis=1), oracle, atol=ATOL, rtol=0)
     assert int(cache.position) == state.position == LENGTH
-    for ours_layer, hf_layer in zip(cache.layers, state.layers, strict=True):
+    for ours_layer, hf_layer in zip(cache.layer_caches(), state.layers, strict=True):
         np.testing.assert_array_equal(np.asarray(ours_layer.norm.count), hf_layer.norm.count)
         np.testing.assert_allclose(np.asarray(ours_layer.norm.mean), hf_layer.norm.mean, atol=1e-5)
         np.testing.assert_allclose(np.asarray(ours_layer.norm.var), hf_layer.norm.var, atol=1e-5)

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from megalodon_flax.config_base import ConfigError
-from megalodon_flax.megalodon import MegalodonLM, ModelCache, init_cache
+from megalodon_flax.megalodon import MegalodonLM, ModelCache, init_cache, layer_stack
 from megalodon_flax.megalodon.chunked_attention import ring_entries
 from megalodon_flax.megalodon.config import MegalodonConfig
 from tests.factories import tiny_megalodon_config
@@ -579,16 +579,42 @@ def _loss_fn(cfg: MegalodonConfig):
     return jax.jit(jax.value_and_grad(loss))
 
 
+@functools.cache
+def _plain_loss_and_grads():
+    return _loss_fn(TINY)(random_params(TINY, seed=30), tokens_for(TINY, length=16, seed=30))
+
+
 @pytest.mark.slow
-def test_remat_gives_identical_loss_and_gradients() -> None:
-    """remat=True recomputes blocks in the backward pass: same loss and grads (1e-6)."""
+@pytest.mark.parametrize(
+    ("policy", "scan_layers"),
+    [("full", False), ("save_dots_no_batch", False), ("save_dots", True)],
+)
+def test_remat_gives_identical_loss_and_gradients(policy: str, scan_layers: bool) -> None:
+    """Every remat policy recomputes (part of) the blocks in the backward pass, unrolled or
+    scanned: the loss and gradients of the plain unrolled model (1e-6)."""
     params = random_params(TINY, seed=30)
     tokens = tokens_for(TINY, length=16, seed=30)
-    loss, grads = _loss_fn(TINY)(params, tokens)
-    loss_r, grads_r = _loss_fn(TINY.replace(remat=True))(params, tokens)
+    loss, grads = _plain_loss_and_grads()
+    cfg = TINY.replace(remat_policy=policy, scan_layers=scan_layers)
+    loss_r, grads_r = _loss_fn(cfg)(layer_stack.to_layout(params, scan_layers), tokens)
+    grads_r = layer_stack.to_layout(grads_r, scan_layers=False)
     np.testing.assert_allclose(float(loss_r), float(loss), atol=1e-6, rtol=1e-6)
     assert jax.tree.structure(grads_r) == jax.tree.structure(grads)
     for got, want in zip(jax.tree.leaves(grads_r), jax.tree.leaves(grads), strict=True):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6, rtol=1e-6)
     # Gradients reach every parameter (including CEMA and Q/K affine).
     assert all(np.any(np.asarray(g) != 0) for g in jax.tree.leaves(grads))
+
+
+def test_dot_product_attention_kernel_gives_the_xla_loss_and_gradients() -> None:
+    """`attention_impl='dot_product'` (jax.nn.dot_product_attention, chunks folded into the
+    batch; Dv = 16 ≠ Dh = 8 here) gives the xla kernel's loss and gradients (1e-5, fp32)."""
+    cfg = TINY.replace(value_dim=64, z_dim=32, attention_impl="xla")
+    params = random_params(cfg, seed=31)
+    tokens = tokens_for(cfg, length=3 * cfg.chunk_size + 5, seed=31)
+    loss, grads = _loss_fn(cfg)(params, tokens)
+    loss_d, grads_d = _loss_fn(cfg.replace(attention_impl="dot_product"))(params, tokens)
+    np.testing.assert_allclose(float(loss_d), float(loss), rtol=1e-5)
+    for got, want in zip(jax.tree.leaves(grads_d), jax.tree.leaves(grads), strict=True):
+        scale = float(np.max(np.abs(want))) + 1e-12
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5 * scale, rtol=0)

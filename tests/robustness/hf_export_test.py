@@ -227,7 +227,7 @@ def _check_against_megalodon_hf(config: MegalodonConfig, directory, dtype: str) 
     for name in set(HF_INIT_FIELDS) & {f for f in config.to_dict()}:
         assert resolved[name] == getattr(config, name), name
     assert resolved["max_cache_len"] == config.chunk_size  # our chunk-local KV cache
-    assert resolved["gradient_checkpointing"] == config.remat
+    assert resolved["gradient_checkpointing"] == (config.remat_policy != "none")
     width = resolved["vocab_size"] if resolved["output_size"] == -1 else resolved["output_size"]
     assert config_json["tie_word_embeddings"] == (width == resolved["vocab_size"]) == config.tied
     # Exactly the parameters megalodon-hf builds from this config.json, nothing left out.

@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 
 from megalodon_flax import families
+from megalodon_flax.megalodon import layer_stack
 from megalodon_flax.training import checkpointing, loop, resume
 from megalodon_flax.training.errors import ResumeMismatchError, WorkdirLockedError
 from megalodon_flax.training.workdir_lock import WorkdirLock
@@ -82,7 +83,7 @@ def test_changes_that_keep_the_model_are_logged_and_resume(trained, tmp_path, ca
     workdir = tmp_path / "run"
     shutil.copytree(source, workdir)
     changed = dataclasses.replace(
-        _with_model(config, remat=True, cema_path="scan", dropout=0.1),
+        _with_model(config, remat_policy="full", scan_layers=True, cema_path="scan", dropout=0.1),
         num_train_steps=5,
         batch_size=4,
         seed=3,
@@ -93,7 +94,8 @@ def test_changes_that_keep_the_model_are_logged_and_resume(trained, tmp_path, ca
     assert int(state.step) == 5
     warnings = "\n".join(r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING)
     for expected in (
-        "remat: False -> True",
+        "remat_policy: 'none' -> 'full'",
+        "scan_layers: False -> True",
         "cema_path: 'fft' -> 'scan'",
         "dropout: 0.0 -> 0.1",
         "batch_size: 8 -> 4",
@@ -103,7 +105,8 @@ def test_changes_that_keep_the_model_are_logged_and_resume(trained, tmp_path, ca
     ):
         assert expected in warnings, (expected, warnings)
     saved = json.loads((workdir / "config.json").read_text())
-    assert saved["seed"] == 3 and saved["model"]["remat"] is True
+    assert saved["seed"] == 3 and saved["model"]["remat_policy"] == "full"
+    assert saved["model"]["scan_layers"] is True
 
 
 def _logits(config, params, tokens):
@@ -112,7 +115,9 @@ def _logits(config, params, tokens):
 
 # An alternative value per model field the rule lets change on resume.
 LOGGED_ALTERNATIVES = {
-    "remat": True,
+    "remat_policy": "full",
+    "scan_layers": True,
+    "attention_impl": "dot_product",
     "cema_path": "sequential",
     "sequential_cema_below": 1000,
     "cema_block_size": 3,
@@ -171,8 +176,9 @@ def test_the_rule_lets_through_only_fields_that_keep_the_function(family):
     for name in sorted(fields & resume.LOGGED_MODEL_FIELDS):
         other = config.replace(**{name: LOGGED_ALTERNATIVES[name]})
         tol = 0.1 if name == "compute_dtype" else 1e-4
+        other_params = layer_stack.to_layout(params, getattr(other, "scan_layers", False))
         np.testing.assert_allclose(
-            _logits(other, params, tokens), want, rtol=tol, atol=tol, err_msg=name
+            _logits(other, other_params, tokens), want, rtol=tol, atol=tol, err_msg=name
         )
     for name, value in SAME_SHAPE_REFUSED.items():
         if name not in fields:

@@ -71,6 +71,49 @@ def test_round_trip_is_bitwise_with_shardings_and_data_position(tmp_path: Path) 
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
+@pytest.mark.parametrize("saved_scanned", [False, True])
+def test_checkpoint_restores_into_the_other_layer_layout(
+    tmp_path: Path, saved_scanned: bool
+) -> None:
+    """A state saved with unrolled (scanned) layers restores into a scanned (unrolled) run:
+    every array of the parameters and of AdamW's moments is the saved one, stacked (or
+    sliced) by layer, on the run's shardings."""
+    saved_setup = setup_training(
+        tiny_train_config(model={"num_layers": 2, "scan_layers": saved_scanned})
+    )
+    saved = _random_state(saved_setup, 0)
+    _save(tmp_path, saved_setup, saved, 4)
+    setup = setup_training(
+        tiny_train_config(model={"num_layers": 2, "scan_layers": not saved_scanned})
+    )
+    step, restored, _ = helpers.restore_checkpoint(tmp_path, setup)
+    assert step == 4
+    assert jax.tree.structure(restored) == jax.tree.structure(setup.abstract_state)
+
+    def by_layer(tree, scanned):  # {(i or None, path): array}: the oracle indexes by hand
+        out = {}
+        for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+            keys = [getattr(k, "key", getattr(k, "name", getattr(k, "idx", None))) for k in path]
+            names = [str(k) for k in keys]
+            if scanned and "layers" in names:
+                at = names.index("layers")
+                for i in range(leaf.shape[0]):
+                    key = (*names[:at], f"layers_{i}", *names[at + 1 :])
+                    out[key] = np.asarray(leaf)[i]
+            else:
+                out[tuple(names)] = np.asarray(leaf)
+        return out
+
+    want, got = by_layer(saved, saved_scanned), by_layer(restored, not saved_scanned)
+    assert set(want) == set(got) and any("layers_1" in key for key in want)
+    for key, value in want.items():
+        np.testing.assert_array_equal(got[key], value, err_msg="/".join(key))
+    for got_leaf, abstract in zip(
+        jax.tree.leaves(restored), jax.tree.leaves(setup.abstract_state), strict=True
+    ):
+        assert got_leaf.sharding == abstract.sharding
+
+
 @pytest.mark.parametrize(
     ("change", "expect"),
     [

@@ -8,6 +8,7 @@ effective batch without accumulation, and the argmax of a full recomputation for
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import jax
@@ -100,6 +101,24 @@ def test_train_step_matches_independent_gradient_and_adamw(shared, apply_fn) -> 
     assert int(state.step) == 1
 
 
+@contextlib.contextmanager
+def _backend_compiles():
+    """Collects the XLA compilations that happen inside the block (JAX's monitoring events;
+    unlike a jitted function's cache size, not affected by the global cache's evictions)."""
+    events: list[float] = []
+    active = [True]
+
+    def listener(event: str, duration: float, **_: object) -> None:
+        if active[0] and event == "/jax/core/compile/backend_compile_duration":
+            events.append(duration)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield events
+    finally:
+        active[0] = False
+
+
 def test_train_step_compiles_once(shared) -> None:
     """After the first step, further steps and evaluations add no compiled programs."""
     config = shared.config
@@ -113,18 +132,22 @@ def test_train_step_compiles_once(shared) -> None:
         old_leaf = state.params["model"]["embed"]["embedding"]
         state, _ = shared.train_step(state, next(it))
         assert old_leaf.is_deleted()  # the state's buffers were donated
-        compiled = shared.p_train_step._cache_size()
-        for _ in range(4):
-            state, _ = shared.train_step(state, next(it))
-        assert shared.p_train_step._cache_size() == compiled == 1
+        with _backend_compiles() as compiles:
+            for _ in range(4):
+                state, _ = shared.train_step(state, next(it))
+        assert compiles == []
         after = jax.tree.map(lambda x: (x.shape, x.dtype, x.sharding), state)
         assert before == after
         assert int(state.step) == 5
-        for _ in range(2):
+        evaluation.window_eval(shared.eval_step, state.params, _eval_batches(config, data[:200]))
+        with _backend_compiles() as second_eval:
             evaluation.window_eval(
                 shared.eval_step, state.params, _eval_batches(config, data[:200])
             )
-        assert shared.p_eval_step._cache_size() == 1
+        assert second_eval == []
+        with _backend_compiles() as fresh:  # the listener does see compilations
+            jax.jit(lambda x: x * 3.0 + 1.0)(jnp.ones(7))
+        assert fresh
 
 
 def _run_steps(config, steps: int) -> tuple[list[float], list[float], dict]:

@@ -1,0 +1,178 @@
+"""How our model's execution options trade time for memory: remat policies, attention kernels,
+scanned vs unrolled layers.
+
+Sections (each a table and a JSON list; variants of one case are timed alternately):
+  remat:     train step (fwd + bwd + AdamW, fp32) at batch 1 × 512 and 1 × 8,192 tokens for
+             every `remat_policy`: median/min/max ms and XLA's compiled memory (temporaries
+             and the peak estimate temp + arguments + outputs − aliases).
+  attention: `attention_impl` "xla" vs "dot_product": the train step at 4 × 512 and the
+             forward at 1 × 32,768 tokens (values, gradients: tests/megalodon).
+  layers:    `scan_layers` on and off: the train step at 4 × 512 and the forward at 32,768.
+
+Run from the repository root:
+  python -m benchmarks.bench_variants                       # the tables in RESULTS.md
+  python -m benchmarks.bench_variants --quick --out /tmp/variants.json   # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+if __package__ in (None, ""):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import megalodon_flax as mf
+from benchmarks import common
+from benchmarks.bench_model import ForwardRunner, OursModel, TrainRunner, run_cases
+from megalodon_flax.layers.remat import REMAT_POLICIES
+from megalodon_flax.megalodon import layer_stack
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_OUT = os.path.join(HERE, "results", "bench_variants.json")
+
+
+def _variant_builder(
+    kind: str, base: OursModel, overrides: dict[str, Any], batch: int, length: int
+) -> Callable[[], common.Case]:
+    cfg = base.cfg.replace(**overrides)
+    name = ", ".join(f"{k}={v}" for k, v in overrides.items())
+
+    def build() -> common.Case:
+        model = OursModel(cfg, layer_stack.to_layout(base.params, cfg.scan_layers))
+        tokens = common.random_tokens(batch, length, cfg.vocab_size, 1)
+        if kind == "train":
+            runner: Any = TrainRunner(model.loss, model.params, tokens)
+        else:
+            runner = ForwardRunner(model.forward, model.params, tokens)
+        return common.Case(name, runner.prepare, runner.run)
+
+    return build
+
+
+def measure(
+    section: str,
+    kind: str,
+    base: OursModel,
+    variants: Sequence[dict[str, Any]],
+    batch: int,
+    length: int,
+    args: argparse.Namespace,
+    log: Callable[[str], None],
+) -> list[dict[str, Any]]:
+    log(f"{section}: {kind} {batch} x {length} ...")
+    builders = [(str(v), _variant_builder(kind, base, v, batch, length)) for v in variants]
+    repeats = args.repeats if length < 8192 else args.long_repeats
+    records = []
+    for case, overrides in zip(run_cases(builders, repeats, args.warmup), variants, strict=True):
+        rec = common.case_record(case, kind=kind, batch=batch, length=length, **overrides)
+        if rec.get("median_ms"):
+            rec["tokens_per_s"] = round(batch * length / (rec["median_ms"] / 1e3), 1)
+        records.append(rec)
+        mem = rec.get("memory", {})
+        log(
+            f"  {case.name}: {rec.get('median_ms')} ms, temp {mem.get('temp_mib')} MiB, "
+            f"peak {mem.get('peak_estimate_mib')} MiB {rec.get('error', '')}"
+        )
+    return records
+
+
+def render(results: dict[str, Any]) -> str:
+    out = []
+    for section, title in (
+        ("remat", "Remat policies: train step (fp32)"),
+        ("attention", "Attention kernels"),
+        ("layers", "Scanned vs unrolled layers"),
+    ):
+        rows = []
+        for r in results.get(section, []):
+            mem = r.get("memory", {})
+            rows.append(
+                [
+                    r["kind"],
+                    f"{r['batch']} x {r['length']}",
+                    r["model"],
+                    common.fmt(r.get("lower_plus_compile_s"), ".1f"),
+                    f"{common.fmt(r.get('median_ms'))} ({common.fmt(r.get('min_ms'))}-"
+                    f"{common.fmt(r.get('max_ms'))})",
+                    common.fmt(mem.get("temp_mib"), ".0f"),
+                    common.fmt(mem.get("peak_estimate_mib"), ".0f"),
+                    (r.get("error") or "")[:40],
+                ]
+            )
+        if rows:
+            headers = ["kind", "B x L", "variant", "compile s", "ms (min-max)", "temp MiB"]
+            out.append(common.table(title, [*headers, "peak MiB", "error"], rows))
+    return "\n\n".join(out)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="small sizes, 1 repeat (smoke test)")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--long-repeats", type=int, default=3, help="repeats at >= 8,192 tokens")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--remat-lengths", type=common.int_list, default=[512, 8192])
+    p.add_argument("--train-batch", type=int, default=4, help="batch of the 512-token steps")
+    p.add_argument("--forward-length", type=int, default=32768)
+    p.add_argument("--sections", type=common.str_list, default=["remat", "attention", "layers"])
+    p.add_argument("--out", default=DEFAULT_OUT, help=f"JSON output (default {DEFAULT_OUT})")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.repeats, args.long_repeats, args.warmup = 1, 1, 0
+        args.remat_lengths = [128]
+        args.train_batch = 1
+        args.forward_length = 256
+    unknown = sorted(set(args.sections) - {"remat", "attention", "layers"})
+    if unknown:
+        p.error(f"unknown sections {unknown}")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    start = time.perf_counter()
+
+    def log(msg: str) -> None:
+        print(f"[{time.perf_counter() - start:7.1f}s] {msg}", flush=True)
+
+    cfg = mf.enwik8_config()
+    base = OursModel(cfg)
+    results: dict[str, Any] = {
+        "machine": common.machine_info(),
+        "settings": vars(args),
+        "config": cfg.to_dict(),
+    }
+    seq = 128 if args.quick else 512
+    if "remat" in args.sections:
+        policies = [{"remat_policy": p} for p in REMAT_POLICIES]
+        results["remat"] = []
+        for length in args.remat_lengths:
+            results["remat"] += measure("remat", "train", base, policies, 1, length, args, log)
+            common.write_json(args.out, results)
+    if "attention" in args.sections:
+        kernels = [{"attention_impl": k} for k in ("xla", "dot_product")]
+        results["attention"] = measure(
+            "attention", "train", base, kernels, args.train_batch, seq, args, log
+        ) + measure("attention", "forward", base, kernels, 1, args.forward_length, args, log)
+        common.write_json(args.out, results)
+    if "layers" in args.sections:
+        layouts = [{"scan_layers": s} for s in (True, False)]
+        results["layers"] = measure(
+            "layers", "train", base, layouts, args.train_batch, seq, args, log
+        ) + measure("layers", "forward", base, layouts, 1, args.forward_length, args, log)
+        common.write_json(args.out, results)
+    results["elapsed_s"] = round(time.perf_counter() - start, 1)
+    common.write_json(args.out, results)
+    print()
+    print(render(results))
+    print(f"\nwrote {os.path.abspath(args.out)} ({results['elapsed_s']} s)")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""Smoke tests of the start-up, variants and accelerator-check benchmarks at tiny sizes.
+
+Each checks the JSON it writes against values recomputed from the records themselves
+(tokens/s from tokens and median time, ms per 1K tokens, MFU absent without a known peak)
+and that every variant it names was measured.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests import helpers
+
+
+@pytest.mark.slow
+def test_startup_benchmark_measures_each_variant_in_a_fresh_process(tmp_path: Path) -> None:
+    out = tmp_path / "startup.json"
+    args = ["--quick", "--lengths", "128", "--depths", "6", "--variants", "scanned,unrolled"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.bench_startup", *args, "--out", str(out)],
+        cwd=helpers.REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    names = [c["name"] for c in data["cases"]]
+    assert names == ["train 1 x 128", "forward 128"]
+    pids = set()
+    for case in data["cases"]:
+        assert set(case["variants"]) == {"scanned", "unrolled"}
+        for variant, records in case["raw"].items():
+            (record,) = records
+            assert "error" not in record, record
+            assert record["variant"] == variant
+            assert record["lower_plus_compile_s"] >= record["compile_s"] > 0
+            assert record["peak_rss_mib"] > 100  # includes JAX itself
+            assert record["run_ms"] > 0
+            pids.add(record.get("pid"))
+    assert len(pids) == 4  # one process per measurement
+    assert "Start-up: compile time and peak memory" in proc.stdout
+
+
+@pytest.mark.slow
+def test_variants_benchmark_compares_attention_kernels(tmp_path: Path) -> None:
+    from benchmarks import bench_variants
+
+    out = tmp_path / "variants.json"
+    data = bench_variants.main(["--quick", "--sections", "attention", "--out", str(out)])
+    assert json.loads(out.read_text())["attention"] == json.loads(
+        json.dumps(data["attention"], default=str)
+    )
+    kernels = [(r["kind"], r["attention_impl"]) for r in data["attention"]]
+    assert kernels == [
+        ("train", "xla"),
+        ("train", "dot_product"),
+        ("forward", "xla"),
+        ("forward", "dot_product"),
+    ]
+    for r in data["attention"]:
+        assert "error" not in r, r
+        tokens = r["batch"] * r["length"]
+        assert r["tokens_per_s"] == pytest.approx(tokens / (r["median_ms"] / 1e3), rel=1e-3)
+        assert r["memory"]["peak_estimate_mib"] > 0
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_on_cpu_at_small_sizes(tmp_path: Path, monkeypatch) -> None:
+    from benchmarks import gpu_check
+
+    tiny = dict(gpu_check.SMALL, train_seq=64, lengths=[128], scaling=[64, 128], steps=2)
+    monkeypatch.setattr(gpu_check, "SMALL", dict(tiny, new_tokens=4, prompt=8, repeats=1))
+    out = tmp_path / "gpu.json"
+    data = gpu_check.main(["--skip-peer", "--out", str(out)])
+    assert json.loads(out.read_text())["sizes"] == data["sizes"]
+    (train,) = data["train"]
+    assert "error" not in train, train
+    tokens = train["batch"] * train["seq"]
+    assert train["tokens_per_s"] == pytest.approx(tokens / (train["median_ms"] / 1e3), rel=1e-3)
+    assert train["xla_flops_per_step"] > 6 * 11e6 * tokens  # at least 6·params·tokens
+    assert "mfu" not in train  # a CPU has no peak in the table
+    assert train["projected_1200_steps_s"] == pytest.approx(train["consecutive_s"] * 600, rel=1e-3)
+    assert [r["length"] for r in data["scaling"]] == [64, 128]
+    for r in data["forward"] + data["scaling"]:
+        assert r["ms_per_1k_tokens"] == pytest.approx(r["median_ms"] * 1000 / r["length"], rel=1e-3)
+    (gen,) = data["generate"]
+    assert gen["tokens_per_s"] == pytest.approx(4 / (gen["median_ms"] / 1e3), rel=1e-3)
