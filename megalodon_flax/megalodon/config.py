@@ -40,8 +40,10 @@ class MegalodonConfig(MappingConfig):
         (`layers.remat.REMAT_POLICIES`): "none", "full" (recompute the block),
         "save_dots" or "save_dots_no_batch" (keep matmul outputs).
       scan_layers: run the blocks under `nn.scan` over parameters stacked on a leading
-        "layers" axis (one traced block: compile time flat in depth). The parameter tree
-        and cache differ by layout; `megalodon.layer_stack` converts between them.
+        "layers" axis (one traced block: compile time flat in depth, less memory for long
+        forwards). The parameter tree and cache differ by layout; `megalodon.layer_stack`
+        converts between them. Off by default: on CPU the scanned train step measured
+        10-20 % slower (benchmarks/RESULTS.md, "Execution options").
       attention_impl: chunk-local attention kernel: "xla" (the masked softmax of
         `layers.attention`), "dot_product" (`jax.nn.dot_product_attention` with chunks
         folded into the batch: cuDNN on NVIDIA GPUs, XLA elsewhere) or "auto" (the faster
