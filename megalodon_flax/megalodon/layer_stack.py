@@ -34,7 +34,8 @@ def _unrolled_indices(tree: Mapping[str, Any]) -> list[int]:
 
 
 def layout_of(tree: Any) -> str | None:
-    """ "scanned", "unrolled", or None when `tree` holds no block subtree."""
+    """The layer layout of `tree`: "scanned", "unrolled", or None when it holds no block
+    subtree."""
     if isinstance(tree, list | tuple):
         return next((found for t in tree if (found := layout_of(t)) is not None), None)
     if not isinstance(tree, Mapping):

@@ -59,6 +59,8 @@ def _chan_merge(
 # whole blocks in a sequential loop. Both compile to a handful of ops (a parallel prefix over
 # all L timesteps unrolls into O(log L) stages of slices and merges, and compiled 10× slower).
 SUMMARY_BLOCK = 128
+# Calls at least this long hide their all-valid mask from XLA's constant folding.
+OPAQUE_MASK_FROM = 1 << 14
 
 
 def _running_summaries(
@@ -130,7 +132,15 @@ def _anchored_statistics(
     """
     batch, length, dim = x.shape
     xg = x.astype(jnp.float32).reshape(batch, length, num_groups, dim // num_groups)
-    valid = jnp.ones((batch, length), bool) if mask is None else mask.astype(bool)
+    if mask is None:
+        valid = jnp.ones((batch, length), bool)
+        if length >= OPAQUE_MASK_FROM:
+            # XLA's constant folding evaluates the prefix counts of an all-valid mask element
+            # by element: 0.4 s of the 32K forward's compile on CPU. Below this length folding
+            # costs less and what it simplifies saves 0.2 s (measured at 512).
+            valid = jax.lax.optimization_barrier(valid)
+    else:
+        valid = mask.astype(bool)
     v = valid[..., None]
 
     first = jnp.argmax(valid, axis=1)[:, None, None]

@@ -36,7 +36,9 @@ def test_legacy_run_restores_with_the_same_logits(legacy_workdir: Path) -> None:
     assert run.config.optimizer.learning_rate == 3e-3  # the flat `learning_rate` key
     assert run.config.checkpoint.async_save is False  # the flat `async_checkpointing`
     logits, _ = run.model.apply({"params": run.params}, jnp.asarray(expected["tokens"]))
-    np.testing.assert_array_equal(np.asarray(logits), expected["logits"])
+    # The logits were saved by the code of that time; later changes to how the same function
+    # is computed (TimestepNorm's blocked prefix sums) move them by float32 rounding only.
+    np.testing.assert_allclose(np.asarray(logits), expected["logits"], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.slow

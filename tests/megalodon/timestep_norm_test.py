@@ -342,3 +342,30 @@ def test_bf16_input_keeps_float32_state() -> None:
     y_ref, _, _, state_ref = _brute_force(x_rounded, params, None, NormState.fresh(B, G))
     np.testing.assert_allclose(np.asarray(y_bf16, np.float32), y_ref, atol=1e-2, rtol=2.0**-7)
     _assert_state(state_bf16, state_ref, 1e-5)
+
+
+def test_long_unmasked_call_equals_the_all_valid_mask() -> None:
+    """From `OPAQUE_MASK_FROM` timesteps an unmasked call hides its all-valid mask from XLA's
+    constant folding: the outputs, state and gradient equal those of an explicit all-true
+    mask, which never took that branch, and the brute-force statistics at the end."""
+    from megalodon_flax.megalodon.timestep_norm import OPAQUE_MASK_FROM
+
+    length = OPAQUE_MASK_FROM + 5
+    x = jnp.asarray(_inputs(40, batch=1, length=length))
+    params = _affine(41)
+    ones = jnp.ones((1, length), bool)
+    y, state = _apply(params, x, None, None)
+    y_mask, state_mask = _apply(params, x, None, ones)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(y_mask), rtol=1e-6, atol=1e-6)
+    for a, b in zip(_np_state(state), _np_state(state_mask), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    xg = np.asarray(x, np.float64).reshape(1, length, G, GS)
+    np.testing.assert_allclose(np.asarray(state.mean)[0], xg.mean(axis=(1, 3))[0], atol=1e-5)
+    np.testing.assert_allclose(np.asarray(state.var)[0], xg.var(axis=(1, 3))[0], rtol=1e-5)
+
+    def loss(x, mask):
+        return jnp.sum(jnp.sin(_apply(params, x, None, mask)[0]))
+
+    g = jax.jit(jax.grad(loss), static_argnums=1)(x, None)
+    g_mask = jax.jit(jax.grad(loss))(x, ones)
+    np.testing.assert_allclose(np.asarray(g), np.asarray(g_mask), rtol=1e-5, atol=1e-6)

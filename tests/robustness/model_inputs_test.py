@@ -128,13 +128,17 @@ def one_line_error(excinfo: pytest.ExceptionInfo, *words: str) -> str:
 
 # ---------------------------------------------------------------------------- valid inputs
 def test_valid_inputs_give_the_outputs_of_the_code_before_the_checks() -> None:
-    """Bit for bit (same platform as the file was written on: CPU), like the legacy-run
-    oracle; the checks only add selects that keep valid values unchanged."""
+    """The checks only add selects that keep valid values unchanged: token ids bit for bit,
+    logits to float32 rounding (the file was written before TimestepNorm's statistics moved
+    to blocked prefix sums, which changes the last bits, not the function)."""
     expected = dict(np.load(GOLDEN))
     got = golden_cases(skip=CHANGED)
     assert set(got) == set(expected) - CHANGED
     for key in sorted(got):
-        np.testing.assert_array_equal(got[key], expected[key], err_msg=key)
+        if np.issubdtype(expected[key].dtype, np.floating):
+            np.testing.assert_allclose(got[key], expected[key], rtol=1e-5, atol=1e-5, err_msg=key)
+        else:
+            np.testing.assert_array_equal(got[key], expected[key], err_msg=key)
     # The oracle has teeth: the old wide-head generation emitted ids beyond the vocabulary
     # (now refused: see the wide-head test below).
     assert expected["wide_sample"].max() >= MEG.vocab_size
