@@ -32,7 +32,7 @@ from etils import epath
 
 from megalodon_flax import families
 from megalodon_flax.megalodon import layer_stack
-from megalodon_flax.training import checkpoint_files, integrity
+from megalodon_flax.training import checkpoint_files, checkpoint_layout, integrity
 from megalodon_flax.training.config import TrainConfig
 from megalodon_flax.training.errors import (
     CheckpointError,
@@ -324,9 +324,11 @@ def restore_latest(
     problems = _describe_mismatch(stored, _flat_shapes(target, serialize=True))
     stored_layout_target = None
     if problems:
-        stored_layout_target = _other_layout_target(stored_tree, stored, target)
-        if stored_layout_target is not None:
-            problems = []
+        other = checkpoint_layout.stored_layout_target(stored_tree, target)
+        if other is not None and not _describe_mismatch(
+            stored, _flat_shapes(other, serialize=False)
+        ):
+            stored_layout_target, problems = other, []
     if problems:
         raise CheckpointError(
             f"Checkpoint {directory} does not match the current model (was it written by a run "
@@ -372,7 +374,7 @@ def restore_latest(
             f"refusing to resume from it. {advice}"
         )
     if stored_layout_target is not None:
-        state = _into_target_layout(state, target)
+        state = checkpoint_layout.into_target_layout(state, target)
         logging.info(
             "Checkpoint %s holds the %s layer layout: converted to this run's layout",
             directory,
@@ -384,36 +386,6 @@ def restore_latest(
         "checksums verified" if record is not None else "no checksums: written before them",
     )
     return step, state, dict(restored[DATA])
-
-
-def _other_layout_target(
-    stored_tree: Any, stored: Mapping[str, tuple[tuple[int, ...], str]], target: Any
-) -> Any:
-    """`target` in the checkpoint's layer layout (serialized form), when the checkpoint differs
-    from `target` only by scanned vs unrolled layers; else None."""
-    if not isinstance(stored_tree, Mapping):
-        return None
-    stored_layout = layer_stack.layout_of(stored_tree.get("params"))
-    serialized = ocp.tree.serialize_tree(target, keep_empty_nodes=True)
-    target_layout = layer_stack.layout_of(serialized.get("params"))
-    if None in (stored_layout, target_layout) or stored_layout == target_layout:
-        return None
-    converted = layer_stack.to_layout(serialized, scan_layers=stored_layout == "scanned")
-    if _describe_mismatch(stored, _flat_shapes(converted, serialize=False)):
-        return None
-    return converted
-
-
-def _into_target_layout(serialized_state: Any, target: Any) -> Any:
-    """A state restored in the other layer layout (serialized form), converted to `target`'s
-    layout and structure and placed on its shardings."""
-    scanned = layer_stack.layout_of(
-        ocp.tree.serialize_tree(target, keep_empty_nodes=True).get("params")
-    )
-    converted = layer_stack.to_layout(serialized_state, scan_layers=scanned == "scanned")
-    state = ocp.tree.deserialize_tree(converted, target, keep_empty_nodes=True)
-    shardings = jax.tree.map(lambda t: t.sharding, target)
-    return jax.device_put(state, shardings)
 
 
 def save_config(config: TrainConfig, workdir: epath.PathLike) -> epath.Path:
