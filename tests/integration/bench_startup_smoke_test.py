@@ -66,7 +66,7 @@ def test_variants_benchmark_compares_attention_kernels(tmp_path: Path) -> None:
     for r in data["attention"]:
         assert "error" not in r, r
         tokens = r["batch"] * r["length"]
-        assert r["tokens_per_s"] == pytest.approx(tokens / (r["median_ms"] / 1e3), rel=1e-3)
+        assert r["tokens_per_s"] == pytest.approx(tokens / (r["median_ms"] / 1e3), abs=0.06)
         assert r["memory"]["peak_estimate_mib"] > 0
 
 
@@ -82,12 +82,14 @@ def test_gpu_check_runs_on_cpu_at_small_sizes(tmp_path: Path, monkeypatch) -> No
     (train,) = data["train"]
     assert "error" not in train, train
     tokens = train["batch"] * train["seq"]
-    assert train["tokens_per_s"] == pytest.approx(tokens / (train["median_ms"] / 1e3), rel=1e-3)
+    assert train["tokens_per_s"] == pytest.approx(tokens / (train["median_ms"] / 1e3), abs=0.06)
     assert train["xla_flops_per_step"] > 6 * 11e6 * tokens  # at least 6·params·tokens
     assert "mfu" not in train  # a CPU has no peak in the table
-    assert train["projected_1200_steps_s"] == pytest.approx(train["consecutive_s"] * 600, rel=1e-3)
+    # consecutive_s is rounded to 1 ms (×600: 0.3 s), the projection to 0.01 s.
+    assert train["projected_1200_steps_s"] == pytest.approx(train["consecutive_s"] * 600, abs=0.31)
     assert [r["length"] for r in data["scaling"]] == [64, 128]
     for r in data["forward"] + data["scaling"]:
-        assert r["ms_per_1k_tokens"] == pytest.approx(r["median_ms"] * 1000 / r["length"], rel=1e-3)
+        assert r["ms_per_1k_tokens"] == pytest.approx(r["median_ms"] * 1000 / r["length"], abs=6e-4)
     (gen,) = data["generate"]
-    assert gen["tokens_per_s"] == pytest.approx(4 / (gen["median_ms"] / 1e3), rel=1e-3)
+    # Rates are rounded to 0.1 token/s, times to 1 µs.
+    assert gen["tokens_per_s"] == pytest.approx(4 / (gen["median_ms"] / 1e3), abs=0.06)
