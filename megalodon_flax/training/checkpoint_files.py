@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import time
 from typing import Any
 
 import numpy as np
@@ -63,12 +64,28 @@ def temp_folders(directory: epath.PathLike, step: int | None = None) -> list[epa
     return [p for p in directory.iterdir() if TMP_MARKER in p.name and p.name.startswith(prefix)]
 
 
-def remove_temp_folders(directory: epath.PathLike, step: int | None = None) -> list[str]:
-    """Deletes orbax's temp folders (of `step`, or all); returns their names."""
-    removed = []
-    for path in temp_folders(directory, step):
-        shutil.rmtree(path, ignore_errors=True)
-        removed.append(path.name)
+def remove_temp_folders(
+    directory: epath.PathLike, step: int | None = None, settle_seconds: float = 0.2
+) -> list[str]:
+    """Deletes orbax's temp folders (of `step`, or all); returns their names.
+
+    After a failed save, writer threads of the same save can still create files in its temp
+    folder for a moment, so the folders are deleted again until none has reappeared for
+    `settle_seconds` (at most 50 rounds).
+    """
+    removed: list[str] = []
+    quiet_since = time.monotonic()
+    for _ in range(50):
+        found = temp_folders(directory, step)
+        if found:
+            quiet_since = time.monotonic()
+        for path in found:
+            shutil.rmtree(path, ignore_errors=True)
+            if path.name not in removed:
+                removed.append(path.name)
+        if not removed or time.monotonic() - quiet_since >= settle_seconds:
+            break
+        time.sleep(settle_seconds / 4)
     return removed
 
 

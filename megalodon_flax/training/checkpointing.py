@@ -156,12 +156,16 @@ def finish(manager: ocp.CheckpointManager) -> None:
     try:
         manager.wait_until_finished()
     except Exception as err:
+        _close_after_failure(manager)  # joins the save's threads before its folders go
         raise _save_failed(epath.Path(manager.directory), err) from None
-    finally:
-        try:
-            manager.close()
-        except Exception as err:  # only after a failed save, already reported
-            logging.warning("Closing the checkpoint manager: %s", checkpoint_files.short_cause(err))
+    manager.close()
+
+
+def _close_after_failure(manager: ocp.CheckpointManager) -> None:
+    try:
+        manager.close()
+    except Exception as err:  # the failure is being reported already
+        logging.warning("Closing the checkpoint manager: %s", checkpoint_files.short_cause(err))
 
 
 def _some(names: list[str], limit: int = 5) -> str:
