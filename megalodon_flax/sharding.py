@@ -1,9 +1,10 @@
 """Logical axis names and the rules that map them onto mesh axes (the one place they live).
 
 Model code names axes; these rules decide the layout. Mesh axes are ``data`` (batch
-parallel), ``fsdp`` (batch parallel with parameters sharded along ``embed``) and ``tensor``
-(tensor parallel over the wide projections). A size-1 mesh axis makes its rules no-ops, so
-the same rules serve one GPU, pure data parallel, FSDP and tensor parallel runs.
+parallel), ``fsdp`` (batch parallel with parameters sharded along ``embed``), ``tensor``
+(tensor parallel over the wide projections) and ``context`` (each sequence split along time:
+`megalodon/context_parallel.py`). A size-1 mesh axis makes its rules no-ops, so the same
+rules serve one GPU, pure data parallel, FSDP, tensor and context parallel runs.
 
 Parameter axes:
   vocab       embedding rows / LM-head columns (V)            -> tensor
@@ -16,7 +17,7 @@ Parameter axes:
 
 Activation axes:
   batch       rows of a batch                                 -> (data, fsdp)
-  length      time                                            -> replicated
+  length      time (of calls without a cache)                 -> context
   act_embed   model width of activations                      -> replicated
   act_mlp     FFN hidden activations                          -> tensor
 """
@@ -37,11 +38,12 @@ from jax.sharding import PartitionSpec as P
 
 LogicalRules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
 
-MESH_AXES: tuple[str, str, str] = ("data", "fsdp", "tensor")
+MESH_AXES: tuple[str, ...] = ("data", "fsdp", "tensor", "context")
+CONTEXT_AXIS = "context"
 
 DEFAULT_LOGICAL_AXIS_RULES: LogicalRules = (
     ("batch", ("data", "fsdp")),
-    ("length", None),
+    ("length", CONTEXT_AXIS),
     ("act_embed", None),
     ("act_mlp", "tensor"),
     ("vocab", "tensor"),
@@ -112,7 +114,7 @@ def make_mesh(
     uses the first devices); in a multi-process run every device must belong to the mesh.
 
     Args:
-        mesh_shape: Sizes of the axes (one may be -1), e.g. `(-1, 1, 1)` for data parallel.
+        mesh_shape: Sizes of the axes (one may be -1), e.g. `(-1, 1, 1, 1)` for data parallel.
         axis_names: Names of the axes, `MESH_AXES` by default.
         devices: Devices to use, in order; `jax.devices()` by default.
 
@@ -223,6 +225,34 @@ def to_global_batch(
         shape[axis] = global_rows
         out[key] = jax.make_array_from_process_local_data(sharding, value, tuple(shape))
     return out
+
+
+def process_rows(
+    batch_sharding: NamedSharding, global_shape: Sequence[int], axis: int
+) -> tuple[int, int]:
+    """Which rows of a global batch this process loads: block `index` of `count`.
+
+    Under data parallelism over processes each process's devices hold one contiguous block of
+    rows, in process order: `(process_index, process_count)`. When processes share rows (a
+    context axis spanning processes splits each row's time steps between them) every process
+    loads every row, `(0, 1)`, and keeps what its devices hold.
+
+    Args:
+        batch_sharding: Sharding of the global batch arrays.
+        global_shape: Their shape.
+        axis: The row dimension.
+    """
+    count = jax.process_count()
+    if count == 1:
+        return 0, 1
+    rows = global_shape[axis]
+    per_process = rows // count
+    for device, index in batch_sharding.devices_indices_map(tuple(global_shape)).items():
+        start, stop, _ = index[axis].indices(rows)
+        block = device.process_index
+        if rows % count or start < block * per_process or stop > (block + 1) * per_process:
+            return 0, 1
+    return jax.process_index(), count
 
 
 # ------------------------------------------------------------------------ multi-process

@@ -48,12 +48,12 @@ def test_subset_mesh_only_when_allowed() -> None:
 
 
 def test_make_mesh_uses_auto_axes_and_names() -> None:
-    mesh = sharding.make_mesh((-1, 1, 1))
+    mesh = sharding.make_mesh((-1, 1, 1, 1))
     assert mesh.axis_names == sharding.MESH_AXES
-    assert dict(mesh.shape) == {"data": jax.device_count(), "fsdp": 1, "tensor": 1}
+    assert dict(mesh.shape) == {"data": jax.device_count(), "fsdp": 1, "tensor": 1, "context": 1}
     assert all(t == AxisType.Auto for t in mesh.axis_types)
     with pytest.raises(sharding.MeshError, match="needs"):
-        sharding.make_mesh((jax.device_count() + 1, 1, 1))
+        sharding.make_mesh((jax.device_count() + 1, 1, 1, 1))
     with pytest.raises(sharding.MeshError, match="axis names"):
         sharding.make_mesh((-1, 1))
 
@@ -74,7 +74,7 @@ def test_validate_rules() -> None:
 
 
 def test_batch_shards_counts_the_axes_batch_maps_to() -> None:
-    mesh = AbstractMesh((2, 4, 3), sharding.MESH_AXES)
+    mesh = AbstractMesh((2, 4, 3, 2), sharding.MESH_AXES)
     assert sharding.batch_shards(mesh, sharding.DEFAULT_LOGICAL_AXIS_RULES) == 8
     assert sharding.batch_shards(mesh, (("batch", "data"),)) == 2
     assert sharding.batch_shards(mesh, (("batch", None),)) == 1

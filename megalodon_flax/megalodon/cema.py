@@ -15,6 +15,10 @@ Three interchangeable algorithms compute y (and the final state):
 * `sequential`: `lax.scan` over time (cheap for short streaming calls).
 
 All CEMA math runs in float32 / complex64 whatever the input dtype; the output is cast back.
+
+Split over a `context` mesh axis (`context_parallel`), each shard runs its path from a zero
+state and reduces to its final state h_j; shard i's incoming state is
+Σ_{j<i} q^(S·(i−1−j)) h_j for shards of S steps, and its output gains that state's bias term.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from megalodon_flax.layers import initializers
+from megalodon_flax.megalodon import context_parallel
 
 # Smallest |q| used inside log(): keeps j·log|q| finite when σ saturates to |q| = 0.
 _TINY_MAGNITUDE = 1e-30
@@ -261,6 +266,58 @@ def cema_sequential(
     return jnp.moveaxis(y, 0, -1), h_final
 
 
+def _moving_average(
+    coeffs: CemaCoefficients,
+    x: jax.Array,
+    h_init: jax.Array | None,
+    path: str,
+    return_state: bool,
+    block: int,
+) -> tuple[jax.Array, jax.Array | None]:
+    """Re Σ_n γ h[t] for x (B, D, L) float32 by `path`: (B, D, L) and the final state|None."""
+    if path == "fft":
+        return cema_fft(coeffs, x, h_init, return_state, block)
+    if path == "scan":
+        y, states = cema_associative_scan(coeffs, x, h_init)
+        return y, states[-1] if return_state else None
+    if path == "sequential":
+        y, state = cema_sequential(coeffs, x, h_init)
+        return y, state if return_state else None
+    raise ValueError(f"unknown CEMA path {path!r}")
+
+
+def sharded_moving_average(
+    coeffs: CemaCoefficients,
+    x: jax.Array,
+    path: str,
+    block: int,
+    split: context_parallel.ContextSplit,
+) -> tuple[jax.Array, jax.Array]:
+    """`_moving_average` from a zero state with L of x (B, D, L) split as `split` says:
+    (B, D, L) float32 and the final state (B, D, N) complex64."""
+
+    def body(coeffs: CemaCoefficients, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        length = x.shape[-1]
+        local = split.vary(coeffs)
+        y, h = _moving_average(local, x, None, path, True, block)
+        # The fold uses the replicated coefficients: its result is alike on every shard.
+        q_re, q_im = _powers(coeffs, jnp.full((1,), float(length), jnp.float32))
+        decay = jax.lax.complex(q_re[..., 0], q_im[..., 0])  # q^S (D, N)
+
+        def combine(before: jax.Array, shard: jax.Array) -> jax.Array:
+            return decay * before + shard
+
+        # Gathered as float32 pairs: the collective then needs no complex support.
+        parts = split.gather(jnp.stack([jnp.real(h), jnp.imag(h)]))
+        gathered = jax.lax.complex(parts[:, 0], parts[:, 1])
+        h_in, h_total = split.exclusive_fold(gathered, combine, jnp.zeros(h.shape, h.dtype))
+        return y + initial_state_bias(local, h_in, length, block), h_total
+
+    seq = split.spec("batch", None, "length")
+    run = split.map(body, (split.spec(), seq), (seq, split.spec("batch")))
+    return run(coeffs, x)
+
+
 def cema(
     coeffs: CemaCoefficients,
     omega: jax.Array,
@@ -269,19 +326,21 @@ def cema(
     path: str = "fft",
     return_state: bool = False,
     block: int = 4096,
+    split: context_parallel.ContextSplit | None = None,
 ) -> tuple[jax.Array, jax.Array | None]:
-    """CEMA on the channel-major input x (B, D, L); returns (y (B,D,L) f32, state (B,D,N)|None)."""
+    """CEMA on the channel-major input x (B, D, L); returns (y (B,D,L) f32, state (B,D,N)|None).
+
+    `split` (from `context_parallel.active_split`) splits L over a mesh axis; the call then
+    starts from a zero state.
+    """
     x = x.astype(jnp.float32)
-    if path == "fft":
-        y, state = cema_fft(coeffs, x, h_init, return_state, block)
-    elif path == "scan":
-        y, states = cema_associative_scan(coeffs, x, h_init)
-        state = states[-1] if return_state else None
-    elif path == "sequential":
-        y, state = cema_sequential(coeffs, x, h_init)
-        state = state if return_state else None
+    if split is None:
+        y, state = _moving_average(coeffs, x, h_init, path, return_state, block)
+    elif h_init is not None:
+        raise ValueError("a CEMA split over a context axis starts from a zero state")
     else:
-        raise ValueError(f"unknown CEMA path {path!r}")
+        y, state = sharded_moving_average(coeffs, x, path, block, split)
+        state = state if return_state else None
     y = y + omega.astype(jnp.float32)[:, None] * x
     return y, state
 
@@ -305,11 +364,12 @@ class CEMA(nn.Module):
         state: jax.Array | None = None,
         path: str = "fft",
         return_state: bool = False,
+        split: context_parallel.ContextSplit | None = None,
     ) -> tuple[jax.Array, jax.Array | None]:
         """x (B, L, D) any float dtype → (y (B, L, D) same dtype, state (B, D, N) complex64|None).
 
         `mask` (B, L) marks valid tokens; masked inputs are replaced by 0 before the recurrence
-        (the state still decays through them).
+        (the state still decays through them). `split`: see `cema`.
         """
         dim = x.shape[-1]
         n = self.ndim
@@ -362,5 +422,6 @@ class CEMA(nn.Module):
             path=path,
             return_state=return_state,
             block=self.block,
+            split=split,
         )
         return jnp.swapaxes(y, 1, 2).astype(x.dtype), new_state

@@ -15,6 +15,7 @@ from megalodon_flax.layers import initializers
 from megalodon_flax.layers.linear import fused_linears
 from megalodon_flax.layers.norms import RMSNorm, rms_normalize
 from megalodon_flax.layers.rotary import apply_rope, rope_frequencies
+from megalodon_flax.megalodon import context_parallel
 from megalodon_flax.megalodon.cache import AttentionCache, LayerCache
 from megalodon_flax.megalodon.cema import CEMA
 from megalodon_flax.megalodon.chunked_attention import (
@@ -61,9 +62,12 @@ class MovingAverageGatedAttention(nn.Module):
                 return a
             return nn.Dropout(rate)(a, deterministic=False)
 
+        split = None
+        if cache is None and not return_cache:
+            split = context_parallel.active_split(batch, length)
         x_tn, norm_state = TimestepNorm(
             cfg.norm_num_groups, cfg.norm_eps, cfg.timestep_norm_variant, name="timenorm"
-        )(x, None if cache is None else cache.norm, mask)
+        )(x, None if cache is None else cache.norm, mask, split)
 
         if cache is None and not return_cache:
             cema_path, want_state = cfg.cema_path, False
@@ -78,6 +82,7 @@ class MovingAverageGatedAttention(nn.Module):
             None if cache is None else cache.cema,
             cema_path,
             want_state,
+            split,
         )
 
         mx = RMSNorm(cfg.norm_eps, cfg.norm_affine, "gamma", name="rmsnorm")(c).astype(cd)

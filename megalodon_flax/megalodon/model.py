@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from megalodon_flax.layers import initializers, input_checks
 from megalodon_flax.layers.linear import Linear
 from megalodon_flax.layers.remat import rematted
+from megalodon_flax.megalodon import context_parallel
 from megalodon_flax.megalodon.cache import LayerCache, ModelCache, init_cache
 from megalodon_flax.megalodon.config import MegalodonConfig
 from megalodon_flax.megalodon.ffn import NormalizedFFN
@@ -116,7 +117,10 @@ class MegalodonModel(nn.Module):
                 x, layer_cache = layer(x, layer_cache, mask, deterministic, return_cache)
                 new_layers.append(layer_cache)
             new_layers = tuple(new_layers)
-        x, final_state = self.norm(x, None if cache is None else cache.final_norm, mask)
+        split = None
+        if cache is None and not return_cache:
+            split = context_parallel.active_split(*tokens.shape)
+        x, final_state = self.norm(x, None if cache is None else cache.final_norm, mask, split)
         if cache is None and not return_cache:
             return x, None
         return x, ModelCache(layers=new_layers, final_norm=final_state)

@@ -6,6 +6,10 @@ what an incoming state summarizes. Statistics are merged in parallel with Chan's
 over per-timestep summaries (count, mean, M2) by `lax.associative_scan`, never from
 uncentered cumulative sums. Everything runs in float32; masked timesteps output exactly 0
 and leave the statistics untouched.
+
+Split over a `context` mesh axis (`context_parallel`), each shard reduces its timesteps to one
+summary (count, mean, M2) per row and group; the summaries of the shards before it, merged in
+order with Chan's formula, are the shard's incoming state.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from megalodon_flax.layers import initializers
+from megalodon_flax.megalodon import context_parallel
 
 
 @struct.dataclass
@@ -166,6 +171,71 @@ def _anchored_statistics(
     return xg, anchor, mean, var, new_state
 
 
+Summary = tuple[jax.Array, jax.Array, jax.Array]
+
+
+def shard_summary(x: jax.Array, num_groups: int, mask: jax.Array | None) -> Summary:
+    """(count, mean, M2) of the valid timesteps of x (B, L, D): each (B, G) float32.
+
+    A timestep counts once per group with its group mean and within-group variance, as in
+    the running statistics; M2 sums those variances and the squared deviations of the group
+    means from the summary's mean (two passes, no uncentered sums).
+    """
+    batch, length, dim = x.shape
+    xg = x.astype(jnp.float32).reshape(batch, length, num_groups, dim // num_groups)
+    valid = jnp.ones((batch, length), bool) if mask is None else mask.astype(bool)
+    v = valid[..., None]
+    blk_mean = jnp.mean(xg, axis=-1)
+    blk_var = jnp.mean(jnp.square(xg - blk_mean[..., None]), axis=-1)
+    count = jnp.broadcast_to(jnp.sum(v, axis=1, dtype=jnp.float32), (batch, num_groups))
+    safe = jnp.where(count > 0, count, 1.0)
+    mean = jnp.sum(jnp.where(v, blk_mean, 0.0), axis=1) / safe
+    dev = jnp.square(blk_mean - mean[:, None])
+    m2 = jnp.sum(jnp.where(v, blk_var + dev, 0.0), axis=1)
+    return count, mean, m2
+
+
+def state_from_summary(summary: Summary) -> NormState:
+    """The `NormState` after the timesteps a summary describes (fresh when it counts none)."""
+    count, mean, m2 = summary
+    has = count > 0
+    return NormState(
+        count=count[:, 0].astype(jnp.int32),
+        mean=jnp.where(has, mean, 0.0),
+        var=jnp.where(has, m2 / jnp.where(has, count, 1.0), 1.0),
+    )
+
+
+def sharded_normalize(
+    x: jax.Array,
+    num_groups: int,
+    mask: jax.Array | None,
+    eps: float,
+    split: context_parallel.ContextSplit,
+) -> tuple[jax.Array, NormState]:
+    """Normalizes x (B, L, D) from a fresh state with L split as `split` says.
+
+    Returns:
+      (x − mean)·rsqrt(var + eps) as (B, L, D) float32 (no affine), and the state after the
+      whole sequence.
+    """
+    dim = x.shape[-1]
+
+    def body(x: jax.Array, mask: jax.Array | None) -> tuple[jax.Array, NormState]:
+        summary = shard_summary(x, num_groups, mask)
+        empty = tuple(jnp.zeros(a.shape, a.dtype) for a in summary)  # the same on every shard
+        before, total = split.exclusive_fold(split.gather(summary), _chan_merge, empty)
+        xg, _, mean, var, _ = _anchored_statistics(x, num_groups, state_from_summary(before), mask)
+        y = (xg - mean[..., None]) * jax.lax.rsqrt(var[..., None] + eps)
+        return y.reshape(*x.shape[:2], dim), state_from_summary(total)
+
+    seq = split.spec("batch", "length", None)
+    out_specs = (seq, split.spec("batch"))
+    if mask is None:
+        return split.map(lambda a: body(a, None), (seq,), out_specs)(x)
+    return split.map(body, (seq, split.spec("batch", "length")), out_specs)(x, mask)
+
+
 def timestep_norm_statistics(
     x: jax.Array, num_groups: int, state: NormState, mask: jax.Array | None
 ) -> tuple[jax.Array, jax.Array, NormState]:
@@ -227,9 +297,17 @@ class TimestepNorm(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x: jax.Array, state: NormState | None = None, mask: jax.Array | None = None
+        self,
+        x: jax.Array,
+        state: NormState | None = None,
+        mask: jax.Array | None = None,
+        split: context_parallel.ContextSplit | None = None,
     ) -> tuple[jax.Array, NormState]:
-        """x (B, L, D) → (y (B, L, D) in x's dtype, state after the call)."""
+        """x (B, L, D) → (y (B, L, D) in x's dtype, state after the call).
+
+        `split` (from `context_parallel.active_split`) splits L over a mesh axis; the call
+        then starts from a fresh state.
+        """
         batch, length, dim = x.shape
         weight = self.param(
             "weight", nn.with_logical_partitioning(initializers.zeros, ("embed",)), (dim,)
@@ -237,14 +315,23 @@ class TimestepNorm(nn.Module):
         bias = self.param(
             "bias", nn.with_logical_partitioning(initializers.zeros, ("embed",)), (dim,)
         )
-        if state is None:
-            state = NormState.fresh(batch, self.num_groups)
-        if self.variant == "upstream":
-            xg, _, mean, var, new_state = _anchored_statistics(x, self.num_groups, state, mask)
+        if split is not None:
+            if state is not None or self.variant != "upstream":
+                raise ValueError(
+                    "a TimestepNorm split over a context axis starts from a fresh state and "
+                    f"needs variant='upstream' (got variant={self.variant!r}, "
+                    f"state {'given' if state is not None else 'None'})"
+                )
+            y, new_state = sharded_normalize(x, self.num_groups, mask, self.eps, split)
         else:
-            mean, var, new_state = timestep_norm_statistics_hf(x, self.num_groups, state, mask)
-            xg = x.astype(jnp.float32).reshape(batch, length, self.num_groups, -1)
-        y = (xg - mean[..., None]) * jax.lax.rsqrt(var[..., None] + self.eps)
+            if state is None:
+                state = NormState.fresh(batch, self.num_groups)
+            if self.variant == "upstream":
+                xg, _, mean, var, new_state = _anchored_statistics(x, self.num_groups, state, mask)
+            else:
+                mean, var, new_state = timestep_norm_statistics_hf(x, self.num_groups, state, mask)
+                xg = x.astype(jnp.float32).reshape(batch, length, self.num_groups, -1)
+            y = (xg - mean[..., None]) * jax.lax.rsqrt(var[..., None] + self.eps)
         y = y.reshape(batch, length, dim) * (1.0 + weight) + bias
         if mask is not None and self.variant == "upstream":
             y = jnp.where(mask[..., None], y, 0.0)

@@ -231,13 +231,17 @@ class MeshConfig(Section):
     """The device mesh and the logical axis rules (see `megalodon_flax/sharding.py`)."""
 
     PREFIX: ClassVar[str] = "config.mesh"
-    # Sizes along (data, fsdp, tensor); one -1 absorbs the remaining devices.
-    shape: tuple[int, ...] = _field((-1, 1, 1))
+    # Sizes along (data, fsdp, tensor, context); one -1 absorbs the remaining devices. A
+    # context size P > 1 splits every sequence into P shards along time.
+    shape: tuple[int, ...] = _field((-1, 1, 1, 1))
     # Logical axis name -> mesh axes.
     logical_axis_rules: tuple = _field(sharding.DEFAULT_LOGICAL_AXIS_RULES)
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if len(self.shape) == len(sharding.MESH_AXES) - 1:
+            # Written before the context axis existed (a saved config.json): context size 1.
+            object.__setattr__(self, "shape", (*self.shape, 1))
         if len(self.shape) != len(sharding.MESH_AXES):
             raise ConfigError(
                 f"config.mesh.shape must give {len(sharding.MESH_AXES)} sizes for the axes "

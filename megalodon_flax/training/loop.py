@@ -204,8 +204,8 @@ def _train_locked(config: TrainConfig, workdir: epath.Path, setup: TrainingSetup
         seq_len=config.seq_len,
         global_batch_size=effective_batch,
         seed=config.seed,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
+        process_index=setup.train_rows[0],
+        process_count=setup.train_rows[1],
         state=iterator_state,
     )
 
@@ -251,8 +251,8 @@ def _train_locked(config: TrainConfig, workdir: epath.Path, setup: TrainingSetup
                     seq_len=config.seq_len,
                     global_batch_size=config.eval.batch_size,
                     max_batches=None if config.eval.num_batches == -1 else config.eval.num_batches,
-                    process_index=jax.process_index(),
-                    process_count=jax.process_count(),
+                    process_index=setup.eval_rows[0],
+                    process_count=setup.eval_rows[1],
                 )
                 result = evaluation.window_eval(setup.eval_step, state.params, batches)
             scalars.update(eval_loss=result.loss, eval_bits_per_byte=result.bits_per_byte)

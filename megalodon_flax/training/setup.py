@@ -36,17 +36,20 @@ from megalodon_flax.training.steps import (
 
 
 def create_mesh(config: TrainConfig) -> Mesh:
-    """Builds the (data, fsdp, tensor) mesh of `config.mesh.shape`.
+    """Builds the (data, fsdp, tensor, context) mesh of `config.mesh.shape`.
 
     Raises:
-        ConfigError: If the mesh does not fit the devices or the batch sizes do not split
-            over the data axes.
+        ConfigError: If the mesh does not fit the devices, the batch sizes do not split over
+            the data axes, or the context axis cannot split the sequences.
     """
     try:
         mesh = sharding.make_mesh(config.mesh.shape, sharding.MESH_AXES)
     except sharding.MeshError as err:
-        raise ConfigError(f"config.mesh.shape: {err}") from None
+        raise ConfigError(
+            f"config.mesh.shape {tuple(config.mesh.shape)} (axes {sharding.MESH_AXES}): {err}"
+        ) from None
     rules = config.mesh.logical_axis_rules
+    _check_context_split(config, mesh.shape[sharding.CONTEXT_AXIS])
     shards = sharding.batch_shards(mesh, rules)
     for name, size in (
         ("batch_size", config.batch_size),
@@ -58,16 +61,44 @@ def create_mesh(config: TrainConfig) -> Mesh:
                 f"shards of the mesh {dict(mesh.shape)} (the 'batch' axis maps to "
                 f"{nn.logical_to_mesh_axes(('batch',), rules)[0]})"
             )
-        if size % jax.process_count():
-            raise ConfigError(
-                f"config.{name}={size} is not divisible by the {jax.process_count()} processes"
-            )
     if config.eval.mode != "window" and jax.process_count() > 1:
         raise ConfigError(
             f"config.eval.mode={config.eval.mode!r} (stream evaluation) runs in a single "
             "process; use 'window' for multi-process runs"
         )
     return mesh
+
+
+def _check_context_split(config: TrainConfig, size: int) -> None:
+    """Refuses a context axis of `size` > 1 that cannot split the run's sequences."""
+    if size == 1:
+        return
+    where = f"config.mesh.shape gives the context axis {size} devices"
+    model = config.model
+    chunk = getattr(model, "chunk_size", None)
+    if chunk is None:
+        raise ConfigError(
+            f"{where}, but model_family {config.model_family!r} has no chunk structure to "
+            "split a sequence along (context parallelism needs Megalodon's chunked attention "
+            "and streaming state); use a context size of 1"
+        )
+    if model.timestep_norm_variant != "upstream":
+        raise ConfigError(
+            f"{where}, but context parallelism needs config.model.timestep_norm_variant="
+            f"'upstream', got {model.timestep_norm_variant!r}"
+        )
+    if config.seq_len % (size * chunk):
+        raise ConfigError(
+            f"{where}: config.seq_len={config.seq_len} must be divisible by the context size "
+            f"× config.model.chunk_size = {size} × {chunk} = {size * chunk} (every shard holds "
+            "whole chunks)"
+        )
+    targets = nn.logical_to_mesh_axes(("length",), config.mesh.logical_axis_rules)[0]
+    if targets != sharding.CONTEXT_AXIS and tuple(targets or ()) != (sharding.CONTEXT_AXIS,):
+        raise ConfigError(
+            f"{where}, but config.mesh.logical_axis_rules maps 'length' to {targets!r}; map "
+            f"it to {sharding.CONTEXT_AXIS!r} (the default rules do)"
+        )
 
 
 @dataclasses.dataclass
@@ -86,6 +117,9 @@ class TrainingSetup:
         abstract_state: The train state as `jax.ShapeDtypeStruct`s carrying those shardings.
         train_batch_sharding: Sharding of `(A, B, L)` train arrays.
         eval_batch_sharding: Sharding of `(B, L)` eval arrays.
+        train_rows: `(index, count)`: this process loads row block `index` of `count` of
+            every global train batch (`sharding.process_rows`).
+        eval_rows: The same for eval batches.
         p_init: Jitted `() -> TrainState`, laid out by `state_shardings`.
         p_train_step: Jitted `(state, global batch) -> (state, metrics)`; donates the state.
         p_eval_step: Jitted `(params, global batch) -> metrics`.
@@ -102,6 +136,8 @@ class TrainingSetup:
     abstract_state: Any
     train_batch_sharding: NamedSharding
     eval_batch_sharding: NamedSharding
+    train_rows: tuple[int, int]
+    eval_rows: tuple[int, int]
     p_init: Callable[[], TrainState]
     p_train_step: Any
     p_eval_step: Any
@@ -118,7 +154,8 @@ class TrainingSetup:
             return self.p_init()
 
     def global_train_batch(self, local_batch: Batch) -> dict[str, jax.Array]:
-        """Turns this process's `(A * b, L)` rows into the global `(A, B, L)` arrays."""
+        """Turns this process's `(A * b, L)` rows (block `train_rows`) into the global
+        `(A, B, L)` arrays."""
         accum = self.config.grad_accum_steps
         local = {}
         for key, value in local_batch.items():
@@ -132,7 +169,8 @@ class TrainingSetup:
         )
 
     def global_eval_batch(self, local_batch: Batch) -> dict[str, jax.Array]:
-        """Turns this process's `(b, L)` rows into the global `(B, L)` arrays."""
+        """Turns this process's `(b, L)` rows (block `eval_rows`) into the global `(B, L)`
+        arrays."""
         return sharding.to_global_batch(
             local_batch, self.eval_batch_sharding, self.config.eval.batch_size, axis=0
         )
@@ -187,6 +225,12 @@ def setup_training(config: TrainConfig, mesh: Mesh | None = None) -> TrainingSet
     )
     train_batch_sharding = sharding.logical_sharding(mesh, rules, (None, "batch", "length"))
     eval_batch_sharding = sharding.logical_sharding(mesh, rules, ("batch", "length"))
+    train_rows = sharding.process_rows(
+        train_batch_sharding, (config.grad_accum_steps, config.batch_size, config.seq_len), 1
+    )
+    eval_rows = sharding.process_rows(
+        eval_batch_sharding, (config.eval.batch_size, config.seq_len), 0
+    )
     metrics_sharding = sharding.replicated(mesh)
     p_init = jax.jit(lambda: nn.unbox(init_boxed()), out_shardings=state_shardings)
     p_train_step = jax.jit(
@@ -218,6 +262,8 @@ def setup_training(config: TrainConfig, mesh: Mesh | None = None) -> TrainingSet
         abstract_state=abstract_state,
         train_batch_sharding=train_batch_sharding,
         eval_batch_sharding=eval_batch_sharding,
+        train_rows=train_rows,
+        eval_rows=eval_rows,
         p_init=p_init,
         p_train_step=p_train_step,
         p_eval_step=p_eval_step,

@@ -43,7 +43,7 @@ def with_mesh(shape):
 
 
 # 1 device -> 8 devices: restore the parent's checkpoint onto a 2x1x4 mesh.
-setup = setup_training(with_mesh((2, 1, 4)))
+setup = setup_training(with_mesh((2, 1, 4, 1)))
 manager = checkpointing.create_manager({one_dev_dir!r}, max_to_keep=2)
 step, state, _ = checkpointing.restore_latest(manager, setup.abstract_state, {{}})
 manager.close()
@@ -55,9 +55,9 @@ out["restored_from_1"] = all(
 emb = state.params["model"]["embed"]["embedding"]
 out["restored_sharded"] = [list(tuple(emb.sharding.spec)), len(emb.addressable_shards)]
 
-for shape in [(8, 1, 1), (2, 4, 1), (2, 1, 4)]:
+for shape in [(8, 1, 1, 1), (2, 4, 1, 1), (2, 1, 4, 1)]:
     setup = setup_training(with_mesh(shape))
-    assert dict(setup.mesh.shape) == dict(zip(("data", "fsdp", "tensor"), shape))
+    assert dict(setup.mesh.shape) == dict(zip(("data", "fsdp", "tensor", "context"), shape))
     state = setup.init_state()
     it = pipeline.TrainIterator(
         data, seq_len=config.seq_len, global_batch_size=config.batch_size, seed=4
@@ -69,7 +69,7 @@ for shape in [(8, 1, 1), (2, 4, 1), (2, 1, 4)]:
         losses.append(float(r["loss"]))
         norms.append(float(r["grad_norm"]))
     out[str(shape)] = {{"loss": losses, "grad_norm": norms}}
-    if shape == (2, 4, 1):
+    if shape == (2, 4, 1, 1):
         # 8 devices -> 1 device: the parent restores this one.
         manager = checkpointing.create_manager({eight_dev_dir!r}, max_to_keep=2)
         checkpointing.save(manager, 3, state, {{"step": 3}}, {{}})
@@ -127,7 +127,7 @@ def test_meshes_match_one_device_and_checkpoints_move_between_them(tmp_path: Pat
 
     assert out["restored_from_1"] is True
     assert out["restored_sharded"] == [["tensor", "fsdp"], 8]
-    for shape in ("(8, 1, 1)", "(2, 4, 1)", "(2, 1, 4)"):
+    for shape in ("(8, 1, 1, 1)", "(2, 4, 1, 1)", "(2, 1, 4, 1)"):
         np.testing.assert_allclose(out[shape]["loss"], ref_loss, rtol=1e-5, err_msg=shape)
         np.testing.assert_allclose(out[shape]["grad_norm"], ref_norm, rtol=1e-5, err_msg=shape)
 
@@ -145,20 +145,33 @@ def test_meshes_match_one_device_and_checkpoints_move_between_them(tmp_path: Pat
 
 _DEVICES_CHILD = """
 import json
-from tests.factories import tiny_train_config
+from tests.factories import tiny_llama_train_mapping, tiny_train_config
+from megalodon_flax import sharding
 from megalodon_flax.training import loop
+from megalodon_flax.training.config import TrainConfig
 
 cases = [
-    dict(mesh={{"shape": (8, 1, 1)}}, batch_size=12),
-    dict(mesh={{"shape": (8, 1, 1)}}, eval={{"batch_size": 4}}),
-    dict(mesh={{"shape": (2, 4, 1)}}, batch_size=12),
-    dict(mesh={{"shape": (16, 1, 1)}}),
-    dict(mesh={{"shape": (3, -1, 1)}}),
+    dict(mesh={{"shape": (8, 1, 1, 1)}}, batch_size=12),
+    dict(mesh={{"shape": (8, 1, 1, 1)}}, eval={{"batch_size": 4}}),
+    dict(mesh={{"shape": (2, 4, 1, 1)}}, batch_size=12),
+    dict(mesh={{"shape": (16, 1, 1, 1)}}),
+    dict(mesh={{"shape": (3, -1, 1, 1)}}),
+    dict(mesh={{"shape": (1, 1, 1, 16)}}),
+    dict(mesh={{"shape": (1, 1, 1, 8)}}, seq_len=32),
+    dict(mesh={{"shape": (2, 1, 1, 4)}}, seq_len=64, model={{"timestep_norm_variant": "hf"}}),
+    dict(mesh={{"shape": (2, 1, 1, 4)}}, seq_len=64, logical_axis_rules=True),
 ]
-out = []
+llama = tiny_llama_train_mapping(mesh={{"shape": (1, 1, 1, 8)}}, seq_len=64)
 for case in cases:
+    if case.pop("logical_axis_rules", False):
+        rules = [r for r in sharding.DEFAULT_LOGICAL_AXIS_RULES if r[0] != "length"]
+        case["mesh"]["logical_axis_rules"] = [*rules, ("length", None)]
+
+out = []
+for case in [*cases, None]:
     try:
-        loop.train_and_evaluate(tiny_train_config(**case), {workdir!r})
+        config = TrainConfig.from_mapping(llama) if case is None else tiny_train_config(**case)
+        loop.train_and_evaluate(config, {workdir!r})
         out.append("no error")
     except Exception as err:
         out.append(type(err).__name__ + ": " + str(err))
@@ -173,8 +186,23 @@ def test_batch_not_divisible_by_data_axis_stops_on_eight_devices(tmp_path: Path)
     assert out[0].startswith("ConfigError: config.batch_size=12 is not divisible by the 8")
     assert out[1].startswith("ConfigError: config.eval.batch_size=4 is not divisible by the 8")
     assert out[2].startswith("ConfigError: config.batch_size=12 is not divisible by the 8")
-    assert out[3].startswith("ConfigError: config.mesh.shape: ")
+    assert out[3].startswith("ConfigError: config.mesh.shape (16, 1, 1, 1) (axes ")
     assert "needs 16 devices but only 8" in out[3]
-    assert out[4].startswith("ConfigError: config.mesh.shape: ")
+    assert out[4].startswith("ConfigError: config.mesh.shape (3, -1, 1, 1) (axes ")
     assert "not divisible by the fixed axis sizes" in out[4]
+    # The context axis: larger than the devices, chunks that do not split, a model or rules
+    # that cannot split a sequence.
+    assert out[5].startswith("ConfigError: config.mesh.shape (1, 1, 1, 16) (axes ")
+    assert "needs 16 devices but only 8" in out[5]
+    assert out[6] == (
+        "ConfigError: config.mesh.shape gives the context axis 8 devices: config.seq_len=32 "
+        "must be divisible by the context size × config.model.chunk_size = 8 × 8 = 64 (every "
+        "shard holds whole chunks)"
+    )
+    assert "needs config.model.timestep_norm_variant='upstream', got 'hf'" in out[7]
+    assert "maps 'length' to None; map it to 'context'" in out[8]
+    assert out[9].startswith(
+        "ConfigError: config.mesh.shape gives the context axis 8 devices, but model_family "
+        "'llama' has no chunk structure"
+    )
     assert not workdir.exists()

@@ -54,7 +54,7 @@ def test_default_config_is_the_enwik8_experiment() -> None:
     assert c.model.compute_dtype == "bfloat16"
     assert c.seed == 7
     assert (c.eval.every_steps, c.eval.num_batches, c.checkpoint.every_steps) == (100, 100, 500)
-    assert tuple(c.mesh.shape) == (-1, 1, 1)
+    assert tuple(c.mesh.shape) == (-1, 1, 1, 1)
     assert c.mesh.logical_axis_rules == sharding.DEFAULT_LOGICAL_AXIS_RULES
     assert c.data.data_dir is None and c.data.manual_dir is None
     config = TrainConfig.from_mapping(c)
@@ -181,7 +181,7 @@ def test_command_line_overrides() -> None:
     c = _parse(
         "--config.seed=3",
         "--config.model.num_layers=4",
-        "--config.mesh.shape=(2,1,-1)",
+        "--config.mesh.shape=(2,1,-1,1)",
         "--config.schedule.kind=constant",
         "--config.optimizer.learning_rate=1e-3",
         "--config.eval.batch_size=32",
@@ -189,11 +189,11 @@ def test_command_line_overrides() -> None:
         "--config.model.compute_dtype=float32",
     )
     assert c.seed == 3 and c.model.num_layers == 4
-    assert tuple(c.mesh.shape) == (2, 1, -1)
+    assert tuple(c.mesh.shape) == (2, 1, -1, 1)
     assert c.schedule.kind == "constant" and c.data.data_dir == "/data/tfds"
     config = TrainConfig.from_mapping(c)
     assert config.model.num_layers == 4 and config.model.compute_dtype == "float32"
-    assert config.mesh.shape == (2, 1, -1)
+    assert config.mesh.shape == (2, 1, -1, 1)
     assert (config.schedule.kind, config.optimizer.learning_rate) == ("constant", 1e-3)
     assert (config.eval.batch_size, config.data.data_dir) == (32, "/data/tfds")
     assert config.data.manual_dir is None  # an untouched placeholder stays None
@@ -304,7 +304,7 @@ def test_flat_config_json_from_before_nesting_is_read() -> None:
     config = TrainConfig.from_mapping(json.loads(json.dumps(flat)))
     assert config == TrainConfig.from_mapping(nested)
     assert (config.optimizer.learning_rate, config.schedule.kind) == (3e-3, "linear")
-    assert config.mesh.shape == (1, -1, 1) and config.sampling.top_k == 5
+    assert config.mesh.shape == (1, -1, 1, 1) and config.sampling.top_k == 5
 
 
 def test_wrong_types_stop() -> None:
@@ -334,8 +334,8 @@ def test_float16_stops() -> None:
 def test_mesh_larger_than_device_count_stops(tmp_path: Path, no_work) -> None:
     n = jax.device_count()
     c = tiny_train_config(mesh={"shape": (n + 1, 1, 1)})
-    _expect_stop(c, tmp_path / "w", ConfigError, rf"config.mesh.shape: .*needs {n + 1} devices")
-    _expect_invalid(tiny_train_config_dict(mesh={"shape": (1, 1)}), r"mesh.shape must give 3 sizes")
+    _expect_stop(c, tmp_path / "w", ConfigError, rf"config.mesh.shape .*needs {n + 1} devices")
+    _expect_invalid(tiny_train_config_dict(mesh={"shape": (1, 1)}), r"mesh.shape must give 4 sizes")
 
 
 def test_workdir_that_is_a_file_stops(tmp_path: Path, no_work) -> None:

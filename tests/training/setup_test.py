@@ -21,7 +21,7 @@ def test_state_shardings_follow_logical_rules() -> None:
     assert tuple(emb.spec) == ("tensor", "fsdp")
     mu = setup.state_shardings.opt_state[1][0].mu["model"]["embed"]["embedding"]
     assert tuple(mu.spec) == ("tensor", "fsdp")
-    assert tuple(setup.train_batch_sharding.spec) == (None, ("data", "fsdp"), None)
+    assert tuple(setup.train_batch_sharding.spec) == (None, ("data", "fsdp"), "context")
     boxed = jax.eval_shape(lambda: create_train_state(jax.random.PRNGKey(0), setup.model, setup.tx))
     assert isinstance(boxed.params["model"]["embed"]["embedding"], nn.LogicallyPartitioned)
 

@@ -1,0 +1,121 @@
+"""Context parallelism: one sequence split along time over a mesh axis (docs/context_parallel.md).
+
+When the logical `length` axis maps to a mesh axis of P > 1 devices (the `context` axis of the
+training mesh), a call without a cache splits each sequence into P contiguous shards of L/P
+tokens. Attention, RoPE and every per-token layer are local to a shard when L/P is a multiple
+of the chunk size. What crosses shards is the state of the two recurrences, TimestepNorm and
+CEMA: each shard reduces its tokens to a small summary, one all-gather over the axis shares the
+summaries, and each shard folds the summaries of the shards before it into its incoming state
+(an exclusive prefix). This module holds the mesh-facing pieces; `timestep_norm` and `cema`
+hold the summaries and their merges.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec
+
+T = TypeVar("T")
+
+
+@dataclasses.dataclass(frozen=True)
+class ContextSplit:
+    """How a call's sequences are split: `axis` splits time, `batch` the rows.
+
+    The sharded functions are manual over both (the rows too: left to the compiler inside a
+    manual region, batched FFTs were gathered over the batch axes).
+    """
+
+    axis: str
+    batch: tuple[str, ...]
+
+    def spec(self, *dims: str | None) -> PartitionSpec:
+        """A PartitionSpec from dimension roles: 'batch', 'length' or None (replicated)."""
+        table = {"batch": self.batch or None, "length": self.axis, None: None}
+        return PartitionSpec(*(table[d] for d in dims))
+
+    def map(self, fn: Callable[..., Any], in_specs: Any, out_specs: Any) -> Callable[..., Any]:
+        """`fn` run per shard (`jax.shard_map`, manual over `axis` and `batch`; any other
+        mesh axis stays under the compiler's automatic partitioning)."""
+        names = {self.axis, *self.batch}
+        return jax.shard_map(fn, in_specs=in_specs, out_specs=out_specs, axis_names=names)
+
+    def vary(self, tree: T) -> T:
+        """`tree` (alike on every shard) marked as per-shard values over every manual axis.
+
+        Whatever a shard derives from a replicated input it mixes with its own rows and
+        tokens; marked here, the backward pass sums the input's cotangents over the shards
+        once (their size is the input's), instead of summing each derived array (sized by
+        the shard length).
+        """
+        names = (self.axis, *self.batch)
+        return jax.tree.map(lambda a: jax.lax.pcast(a, names, to="varying"), tree)
+
+    def gather(self, tree: T) -> T:
+        """Every shard's `tree` stacked on a new leading axis of size P (alike on all shards)."""
+        return jax.tree.map(lambda a: jax.lax.all_gather(a, self.axis, to="invarying"), tree)
+
+    def exclusive_fold(self, gathered: T, combine: Callable[[T, T], T], identity: T) -> tuple[T, T]:
+        """Folds gathered per-shard summaries in shard order.
+
+        Args:
+            gathered: Per-shard summaries stacked on a leading axis of size P (`gather`).
+            combine: `combine(before, shard)`, the summary of `before` followed by `shard`.
+            identity: The summary of no tokens (built without per-shard values).
+
+        Returns:
+            The fold over the shards before this one (this shard's incoming summary) and the
+            fold over all P shards (alike on every shard).
+        """
+        size = jax.tree.leaves(gathered)[0].shape[0]
+        index = jax.lax.axis_index(self.axis)
+        before, total = identity, identity
+        for j in range(size):
+            shard = jax.tree.map(lambda a, j=j: a[j], gathered)
+            total = combine(total, shard)
+            before = jax.tree.map(lambda t, b, j=j: jnp.where(j < index, t, b), total, before)
+        return before, total
+
+
+def _mesh_axes(logical: str, rules: Any) -> tuple[str, ...]:
+    target = nn.logical_to_mesh_axes((logical,), rules)[0]
+    if target is None:
+        return ()
+    return (target,) if isinstance(target, str) else tuple(target)
+
+
+def active_split(batch: int, length: int) -> ContextSplit | None:
+    """How a call of `batch` rows of `length` tokens splits over the active mesh, or None.
+
+    The time axis is the mesh axis the logical `length` axis maps to under the active logical
+    axis rules (`nn.logical_axis_rules`) and mesh (`jax.set_mesh`), when it has more than one
+    device and divides `length` (and the axes of `batch` divide the rows). Otherwise (no mesh,
+    a size-1 axis, a shape that does not split) the call runs unsplit.
+
+    Raises:
+        ValueError: If `length` maps to more than one mesh axis.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    rules = nn.get_logical_axis_rules()
+    if mesh.empty or not rules:
+        return None
+    names = _mesh_axes("length", rules)
+    if not names:
+        return None
+    if len(names) != 1:
+        raise ValueError(
+            f"the logical axis 'length' maps to the mesh axes {names}; context parallelism "
+            "splits a sequence over one mesh axis"
+        )
+    size = mesh.shape.get(names[0], 1)
+    rows = _mesh_axes("batch", rules)
+    if size <= 1 or length % size or batch % math.prod(mesh.shape[a] for a in rows):
+        return None
+    return ContextSplit(axis=names[0], batch=rows)
