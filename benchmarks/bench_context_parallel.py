@@ -71,14 +71,16 @@ def collective_bytes(hlo_text: str) -> dict[str, int]:
     return totals
 
 
-def train_config(context: int, length: int, quick: bool) -> TrainConfig:
+def train_config(
+    context: int, length: int, quick: bool, compute_dtype: str = "float32"
+) -> TrainConfig:
     """The enwik8 training config at batch 1 × `length` on a (1, 1, 1, context) mesh."""
     config = default_config()
     config.seq_len = length
     config.batch_size = 1
     config.eval.batch_size = 1
     config.mesh.shape = (1, 1, 1, context)
-    config.model.compute_dtype = "float32"
+    config.model.compute_dtype = compute_dtype
     if quick:
         config.model.update(
             model_dim=32, num_layers=2, num_heads=2, z_dim=16, value_dim=32,
@@ -105,17 +107,24 @@ def compile_step(config: TrainConfig) -> tuple[Any, Any]:
     return setup, compiled
 
 
-def measure(context: int, length: int, steps: int, quick: bool) -> dict[str, Any]:
+def measure(
+    context: int, length: int, steps: int, quick: bool, compute_dtype: str
+) -> dict[str, Any]:
     """Memory, collective bytes (at `length` and `length // 2`) and step time at one P."""
-    config = train_config(context, length, quick)
+    config = train_config(context, length, quick, compute_dtype)
     layers = config.model.num_layers
-    record: dict[str, Any] = {"context": context, "length": length, "num_layers": layers}
+    record: dict[str, Any] = {
+        "context": context,
+        "length": length,
+        "num_layers": layers,
+        "compute_dtype": compute_dtype,
+    }
     start = common.now()
     setup, compiled = compile_step(config)
     record["compile_s"] = round(common.now() - start, 2)
     record["memory"] = common.compiled_memory(compiled)
     full = collective_bytes(compiled.as_text())
-    _, half_compiled = compile_step(train_config(context, length // 2, quick))
+    _, half_compiled = compile_step(train_config(context, length // 2, quick, compute_dtype))
     half = collective_bytes(half_compiled.as_text())
     record["collective_bytes_per_layer"] = {k: v / layers for k, v in full.items()}
     record["collective_bytes_per_layer_at_half_length"] = {k: v / layers for k, v in half.items()}
@@ -166,7 +175,8 @@ def print_table(records: Sequence[dict[str, Any]]) -> str:
         )
     title = (
         f"Train step at batch 1 x {records[0]['length']:,} tokens, per device "
-        f"({records[0]['num_layers']} layers; simulated CPU devices share the host's cores, "
+        f"({records[0]['num_layers']} layers, {records[0]['compute_dtype']} compute; simulated "
+        "CPU devices share the host's cores, "
         "so times are not speed-ups)"
     )
     headers = [
@@ -184,6 +194,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--contexts", default="1,2,4,8", help="context sizes P")
     parser.add_argument("--steps", type=int, default=2, help="timed steps (0: compile only)")
     parser.add_argument("--quick", action="store_true", help="a 2-layer 32-wide model")
+    parser.add_argument("--compute_dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--out", default=DEFAULT_OUT, help="JSON output path")
     args = parser.parse_args(argv)
     contexts = [int(p) for p in args.contexts.split(",")]
@@ -191,7 +202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"{max(contexts)} devices asked, {jax.device_count()} available")
     records = []
     for p in contexts:
-        records.append(measure(p, args.length, args.steps, args.quick))
+        records.append(measure(p, args.length, args.steps, args.quick, args.compute_dtype))
         print(f"P={p}: done", flush=True)
     table = print_table(records)
     command = "python -m benchmarks.bench_context_parallel " + " ".join(argv or sys.argv[1:])

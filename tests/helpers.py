@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import tempfile
@@ -120,6 +121,25 @@ def run_python(
             f"STDERR:\n{proc.stderr[-8000:]}"
         )
     return proc
+
+
+def main_command(config_path: str | Path, workdir: str | Path, *extra: str) -> list[str]:
+    """`main.py` with a config file and a workdir at full matmul precision, plus `extra` flags."""
+    return [
+        sys.executable,
+        str(REPO_ROOT / "main.py"),
+        f"--config={config_path}",
+        f"--workdir={workdir}",
+        "--jax_default_matmul_precision=highest",
+        *extra,
+    ]
+
+
+def free_port() -> int:
+    """A TCP port free on localhost now (for a coordinator of child processes)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def config_to_json(config) -> str:

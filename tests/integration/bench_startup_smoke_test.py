@@ -93,3 +93,31 @@ def test_gpu_check_runs_on_cpu_at_small_sizes(tmp_path: Path, monkeypatch) -> No
     (gen,) = data["generate"]
     # Rates are rounded to 0.1 token/s, times to 1 µs.
     assert gen["tokens_per_s"] == pytest.approx(4 / (gen["median_ms"] / 1e3), abs=0.06)
+
+
+@pytest.mark.slow
+def test_context_parallel_benchmark_reads_memory_and_collectives(tmp_path: Path) -> None:
+    """Oracles: the collective bytes parsed from the HLO at L equal those at L/2 (state
+    exchange does not grow with L), temporaries fall with P, and the table repeats the JSON."""
+    out = tmp_path / "cp.json"
+    args = ["--quick", "--length", "1024", "--contexts", "1,4", "--steps", "1"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.bench_context_parallel", *args, "--out", str(out)],
+        cwd=helpers.REPO_ROOT,
+        env=helpers.subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["simulated_devices"] == 8 and "not speed-ups" in data["note"]
+    one, four = data["records"]
+    assert (one["context"], four["context"]) == (1, 4)
+    assert sum(one["collective_bytes_per_layer"].values()) == 0  # one device: none
+    per_layer = four["collective_bytes_per_layer"]
+    assert per_layer["all-gather"] > 0 and per_layer["all-reduce"] > 0
+    assert per_layer == four["collective_bytes_per_layer_at_half_length"]
+    assert four["memory"]["temp_mib"] < one["memory"]["temp_mib"]
+    assert one["median_ms"] > 0 and four["repeats"] == 1
+    assert data["table"] in proc.stdout

@@ -9,7 +9,6 @@ a checkpoint. The child runs the meshes (data, fsdp, tensor, context) = (1,1,1,8
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +20,8 @@ import numpy as np
 import pytest
 
 from megalodon_flax.data import pipeline
-from megalodon_flax.training import checkpointing
+from megalodon_flax.training import checkpointing, loop
+from megalodon_flax.training.config import TrainConfig
 from megalodon_flax.training.metrics import weighted_loss_sum
 from megalodon_flax.training.setup import setup_training
 from tests import helpers
@@ -43,10 +43,9 @@ def base_config(**overrides: Any):
 
 
 def composed_config():
-    """bf16 compute, full remat and 2 accumulated micro-batches."""
-    return base_config(
-        grad_accum_steps=2, model={"compute_dtype": "bfloat16", "remat_policy": "full"}
-    )
+    """bf16 compute, full remat, scanned layers and 2 accumulated micro-batches."""
+    model = {"compute_dtype": "bfloat16", "remat_policy": "full", "scan_layers": True}
+    return base_config(grad_accum_steps=2, model=model)
 
 
 def train_data() -> np.ndarray:
@@ -224,15 +223,9 @@ print("RESULT" + json.dumps({{"rows": setup.train_rows, "loss": losses, "grad_no
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_context_axis_across_two_processes_matches_one_device(reference) -> None:
-    code = _PROCESS_CHILD.format(address=f"127.0.0.1:{_free_port()}")
+    code = _PROCESS_CHILD.format(address=f"127.0.0.1:{helpers.free_port()}")
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", code, str(i)],
@@ -258,3 +251,65 @@ def test_context_axis_across_two_processes_matches_one_device(reference) -> None
         assert got["rows"] == [0, 1]  # both processes feed every row, each its half of time
         np.testing.assert_allclose(got["loss"], reference["loss"][:3], rtol=1e-5)
         np.testing.assert_allclose(got["grad_norm"], reference["grad_norm"][:3], rtol=1e-5)
+
+
+def long_smoke_config(data_dir: str, manual_dir: str):
+    """`configs/megalodon_long.py` with a small model, 4,096-byte sequences and 3 steps,
+    evaluated in both modes and sampled at the end."""
+    from configs import megalodon_long
+
+    config = megalodon_long.get_config()
+    config.model.update(
+        model_dim=16, num_layers=2, num_heads=2, z_dim=8, value_dim=16, ffn_hidden_dim=32,
+        cema_ndim=2, chunk_size=64, norm_num_groups=2, compute_dtype="float32",
+    )  # fmt: skip
+    config.seq_len = 4096
+    config.num_train_steps = 3
+    config.log_every_steps = 1
+    config.schedule.warmup_steps = 1
+    config.eval.update(every_steps=3, num_batches=1, mode="both", stream_max_bytes=2048)
+    config.checkpoint.every_steps = 3
+    config.sampling.update(every_steps=3, length=16)
+    config.profile.num_steps = 0
+    config.data.update(data_dir=data_dir, manual_dir=manual_dir)
+    return config
+
+
+_LONG_CONFIG = """
+from tests.integration.context_parallel_test import long_smoke_config
+
+
+def get_config():
+    return long_smoke_config({data_dir!r}, {manual_dir!r})
+"""
+
+
+@pytest.mark.slow
+def test_long_context_recipe_trains_over_eight_devices_like_one(tmp_path: Path) -> None:
+    """The long-context recipe on a context axis of 8 devices (a child process running
+    `main.py`) against the same run on this process's one device."""
+    data_dir, manual_dir = helpers.make_enwik8_dirs(tmp_path / "data", num_bytes=200_000)
+    config_path = tmp_path / "long_config.py"
+    config_path.write_text(_LONG_CONFIG.format(data_dir=data_dir, manual_dir=manual_dir))
+    proc = subprocess.run(
+        helpers.main_command(config_path, tmp_path / "eight"),
+        cwd=helpers.REPO_ROOT,
+        env=helpers.subprocess_env(num_devices=8),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    assert "mesh {'data': 1, 'fsdp': 1, 'tensor': 1, 'context': 8}" in proc.stderr
+
+    config = long_smoke_config(data_dir, manual_dir)
+    config.mesh.shape = (1, 1, 1, 1)
+    with jax.default_matmul_precision("highest"):
+        loop.train_and_evaluate(TrainConfig.from_mapping(config), tmp_path / "one")
+    for tag in ("train_loss", "grad_norm", "eval_loss", "eval_stream_loss"):
+        want = helpers.read_scalars(tmp_path / "one", tag)
+        got = helpers.read_scalars(tmp_path / "eight", tag)
+        assert sorted(got) == sorted(want) and want, tag
+        for step in want:
+            np.testing.assert_allclose(got[step], want[step], rtol=1e-5, err_msg=f"{tag} {step}")
+    assert helpers.read_texts(tmp_path / "eight", "sample")

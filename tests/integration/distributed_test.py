@@ -6,9 +6,7 @@ Oracle: the single-process 4-device run of the same config (float32 scalars with
 from __future__ import annotations
 
 import re
-import socket
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -34,23 +32,6 @@ def get_config():
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _main_cmd(config_path: Path, workdir: Path, *extra: str) -> list[str]:
-    return [
-        sys.executable,
-        str(helpers.REPO_ROOT / "main.py"),
-        f"--config={config_path}",
-        f"--workdir={workdir}",
-        "--jax_default_matmul_precision=highest",
-        *extra,
-    ]
-
-
 def _logged_scalars(log: str, key: str) -> dict[int, float]:
     """Parses clu LoggingWriter lines `[step] a=1, b=2` for `key`."""
     out = {}
@@ -69,7 +50,7 @@ def test_two_processes_match_one_process_with_four_devices(tmp_path: Path, enwik
 
     single = tmp_path / "single"
     proc = subprocess.run(
-        _main_cmd(config_path, single),
+        helpers.main_command(config_path, single),
         cwd=helpers.REPO_ROOT,
         env=helpers.subprocess_env(num_devices=4),
         capture_output=True,
@@ -79,10 +60,10 @@ def test_two_processes_match_one_process_with_four_devices(tmp_path: Path, enwik
     assert proc.returncode == 0, proc.stderr[-6000:]
 
     multi = tmp_path / "multi"
-    port = _free_port()
+    port = helpers.free_port()
     procs = [
         subprocess.Popen(
-            _main_cmd(
+            helpers.main_command(
                 config_path,
                 multi,
                 f"--coordinator_address=127.0.0.1:{port}",

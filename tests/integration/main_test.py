@@ -21,7 +21,7 @@ from tests import helpers
         ("--config.seq_len=1", "config.seq_len must be >= 2"),
         ("--config.optimizer.learning_rate=0", "config.optimizer.learning_rate must be > 0"),
         ("--config.model.compute_dtype=float16", "compute_dtype=float16 is not supported"),
-        ("--config.mesh.shape=(64,1,1)", "config.mesh.shape: "),
+        ("--config.mesh.shape=(64,1,1,1)", "config.mesh.shape (64, 1, 1, 1) (axes"),
         ("--config=configs/no_such_config.py", "No such file or directory"),
     ],
 )
