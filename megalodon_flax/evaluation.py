@@ -11,18 +11,16 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from megalodon_flax import families
-from megalodon_flax.training.metrics import LN2, EvalMetrics, weighted_loss_sum
+from megalodon_flax import context_curve, families
+from megalodon_flax.training.metrics import LN2, EvalMetrics
 
 ProgressFn = Callable[[int, int], None]
 
@@ -60,15 +58,6 @@ def _params(params: Any) -> Any:
     return params["params"] if isinstance(params, dict) and "params" in params else params
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _stream_call(
-    model: families.LanguageModel, params: Any, cache: Any, inputs: jax.Array, targets: jax.Array
-) -> tuple[jax.Array, Any]:
-    logits, cache = model.apply({"params": params}, inputs, cache=cache)
-    nll, _, _ = weighted_loss_sum(logits, targets, jnp.ones(targets.shape, jnp.float32))
-    return nll, cache
-
-
 def stream_eval(
     model: families.LanguageModel,
     params: Any,
@@ -93,36 +82,21 @@ def stream_eval(
     Returns:
       EvalResult over every byte of each stream after its first.
     """
-    family = families.family_of_model(model)
-    if not family.carries_state:
+    if not families.family_of_model(model).carries_state:
         raise TypeError(
             f"stream evaluation needs a model that carries its state ({type(model).__name__} "
             "has a bounded context); use window_eval"
         )
-    params = _params(params)
-    data = np.asarray(data, np.uint8)
-    if max_bytes is not None:
-        data = data[:max_bytes]
-    if num_streams < 1:
-        raise ValueError(f"num_streams must be >= 1, got {num_streams}")
-    stream_len = data.shape[0] // num_streams
-    if stream_len < 2:
-        raise ValueError(f"{data.shape[0]} bytes are too few for {num_streams} stream(s)")
-    call_length = call_length or 4 * model.config.chunk_size
-    streams = data[: stream_len * num_streams].reshape(num_streams, stream_len).astype(np.int32)
-    inputs, targets = streams[:, :-1], streams[:, 1:]
-    total = inputs.shape[1]
-    cache = family.init_cache(model.config, num_streams, 0)
-    nll = jnp.zeros((), jnp.float32)
-    start = time.perf_counter()
-    for lo in range(0, total, call_length):
-        hi = min(lo + call_length, total)
-        call_nll, cache = _stream_call(model, params, cache, inputs[:, lo:hi], targets[:, lo:hi])
-        nll = nll + call_nll
-        if progress is not None:
-            progress(hi * num_streams, total * num_streams)
-    nll_sum = float(nll)
-    return EvalResult("stream", nll_sum, total * num_streams, time.perf_counter() - start)
+    data = np.asarray(data, np.uint8)[:max_bytes]
+    losses = context_curve.carried_position_losses(
+        model,
+        _params(params),
+        data,
+        num_streams=num_streams,
+        call_length=call_length,
+        progress=progress,
+    )
+    return EvalResult("stream", float(losses.nll.sum()), int(losses.count.sum()), losses.seconds)
 
 
 def window_eval(

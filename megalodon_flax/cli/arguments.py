@@ -207,9 +207,37 @@ def define_evaluate_flags(fv: flags.FlagValues = FLAGS) -> None:
     flags.DEFINE_enum(
         "mode",
         "stream",
-        ["stream", "window"],
+        ["stream", "window", "context"],
         "stream: state carried over the whole split; window: independent windows of "
-        "seq_len + 1 bytes.",
+        "seq_len + 1 bytes; context: bits per byte by position in the stream (Megalodon "
+        "streams, a bounded-context model in sliding windows), with --also for more runs.",
+        flag_values=fv,
+    )
+    flags.DEFINE_list(
+        "also",
+        [],
+        "Context mode: more workdirs on the same curve, comma-separated.",
+        flag_values=fv,
+    )
+    flags.DEFINE_enum(
+        "protocol",
+        "both",
+        ["exact", "upstream", "both"],
+        "Context mode, a model that carries its state: exact carried statistics, the released "
+        "code's protocol (statistics recomputed over the last 6 of every 8 chunks), or both.",
+        flag_values=fv,
+    )
+    flags.DEFINE_integer(
+        "stride",
+        0,
+        "Context mode, a bounded-context model: bytes a window of seq_len advances (0 = half).",
+        lower_bound=0,
+        flag_values=fv,
+    )
+    flags.DEFINE_string(
+        "out_dir",
+        None,
+        "Context mode: folder for context_curve.json, .md and .png (default: print only).",
         flag_values=fv,
     )
     flags.DEFINE_integer(
@@ -241,3 +269,9 @@ def define_evaluate_flags(fv: flags.FlagValues = FLAGS) -> None:
         fv,
     )
     common.check_flags(["mode", "max_bytes", "num_streams"], _streams_problem, fv)
+    common.check_flag("also", lambda dirs: _workdirs_problem(dirs) if dirs else None, fv)
+    common.check_flag(
+        "out_dir",
+        lambda p: common.output_path_problem(p, directory=True, make_folders=True),
+        fv,
+    )

@@ -17,18 +17,30 @@ import pytest
 from tests import helpers
 
 
-@pytest.mark.slow
-def test_startup_benchmark_measures_each_variant_in_a_fresh_process(tmp_path: Path) -> None:
-    out = tmp_path / "startup.json"
-    args = ["--quick", "--lengths", "128", "--depths", "6", "--variants", "scanned,unrolled"]
+def _run_benchmark(
+    name: str, *args: str, compile_cache: bool = True
+) -> subprocess.CompletedProcess:
+    """`python -m benchmarks.<name> args` in a child process; fails the test if it fails.
+
+    Without `compile_cache` the child gets this process's environment (no persistent XLA
+    cache: the start-up benchmark measures compilation)."""
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.bench_startup", *args, "--out", str(out)],
+        [sys.executable, "-m", f"benchmarks.{name}", *args],
         cwd=helpers.REPO_ROOT,
+        env=helpers.subprocess_env() if compile_cache else None,
         capture_output=True,
         text=True,
         timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.mark.slow
+def test_startup_benchmark_measures_each_variant_in_a_fresh_process(tmp_path: Path) -> None:
+    out = tmp_path / "startup.json"
+    args = ["--quick", "--lengths", "128", "--depths", "6", "--variants", "scanned,unrolled"]
+    proc = _run_benchmark("bench_startup", *args, "--out", str(out), compile_cache=False)
     data = json.loads(out.read_text())
     names = [c["name"] for c in data["cases"]]
     assert names == ["train 1 x 128", "forward 128"]
@@ -101,15 +113,7 @@ def test_context_parallel_benchmark_reads_memory_and_collectives(tmp_path: Path)
     exchange does not grow with L), temporaries fall with P, and the table repeats the JSON."""
     out = tmp_path / "cp.json"
     args = ["--quick", "--length", "1024", "--contexts", "1,4", "--steps", "1"]
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.bench_context_parallel", *args, "--out", str(out)],
-        cwd=helpers.REPO_ROOT,
-        env=helpers.subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = _run_benchmark("bench_context_parallel", *args, "--out", str(out))
     data = json.loads(out.read_text())
     assert data["simulated_devices"] == 8 and "not speed-ups" in data["note"]
     one, four = data["records"]
@@ -120,4 +124,41 @@ def test_context_parallel_benchmark_reads_memory_and_collectives(tmp_path: Path)
     assert per_layer == four["collective_bytes_per_layer_at_half_length"]
     assert four["memory"]["temp_mib"] < one["memory"]["temp_mib"]
     assert one["median_ms"] > 0 and four["repeats"] == 1
+    assert data["table"] in proc.stdout
+
+
+@pytest.mark.slow
+def test_eval_memory_benchmark_reads_each_length_in_its_own_process(tmp_path: Path) -> None:
+    """Oracle: the whole read's bits per byte is `evaluation.stream_eval` of the same bytes with
+    the same seeded model in this process; every process reports its own peak memory."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    from megalodon_flax import evaluation
+    from megalodon_flax.data import enwik8
+    from megalodon_flax.megalodon.config import enwik8_config
+    from megalodon_flax.megalodon.model import MegalodonLM
+
+    data_dir, manual_dir = helpers.make_enwik8_dirs(tmp_path / "data", num_bytes=120_000)
+    out = tmp_path / "mem.json"
+    args = ["--quick", "--fractions", "0.5,1", "--max_bytes", "3000", "--out", str(out)]
+    args += [f"--data_dir={data_dir}", f"--manual_dir={manual_dir}"]
+    proc = _run_benchmark("bench_eval_memory", *args)
+    data = json.loads(out.read_text())
+    half, whole = data["records"]
+    assert (half["bytes"], whole["bytes"]) == (1500, 3000)
+    assert half["peak_rss_mib"] > 100 and whole["peak_rss_mib"] > 100
+    peaks = [half["peak_rss_mib"], whole["peak_rss_mib"]]
+    assert data["peak_rss_spread"] == pytest.approx(max(peaks) / min(peaks))
+    split = enwik8.load_enwik8_splits(data_dir, manual_dir)["test"][:3000]
+    model = MegalodonLM(
+        enwik8_config(
+            compute_dtype="float32", model_dim=32, num_layers=2, num_heads=2, z_dim=16,
+            value_dim=32, ffn_hidden_dim=64, cema_ndim=4, chunk_size=32, norm_num_groups=4,
+        )
+    )  # fmt: skip
+    params = nn.unbox(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32)))
+    want = evaluation.stream_eval(model, params, split).bits_per_byte
+    assert whole["bits_per_byte"] == pytest.approx(want, rel=1e-5)
     assert data["table"] in proc.stdout

@@ -136,6 +136,40 @@ def test_evaluate_cli_stream_and_window(trained_workdir):
     np.testing.assert_allclose(results["window"]["loss"], window_nll / 499, rtol=1e-4)
 
 
+@pytest.mark.slow
+def test_evaluate_cli_context_curve(trained_workdir, tmp_path):
+    """Context mode writes the curve of both protocols as JSON, Markdown and PNG; the exact
+    protocol's total is the one-shot loss, its buckets the bytes of each position range."""
+    workdir, config = trained_workdir
+    run = restore_run(workdir)
+    split = _load_split(config, "test")[:1500]
+    out_dir = tmp_path / "curve"
+    proc = _cli(
+        "megalodon_flax.cli.evaluate",
+        f"--workdir={workdir}",
+        "--mode=context",
+        "--max_bytes=1500",
+        f"--out_dir={out_dir}",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "ETA" in proc.stderr
+    data = json.loads((out_dir / "context_curve.json").read_text())
+    exact, upstream = data["curves"]["workdir (exact)"], data["curves"]["workdir (upstream)"]
+    assert [(b["start"], b["stop"], b["tokens"]) for b in exact["buckets"]] == [
+        (0, 512, 512),
+        (512, 1024, 512),
+        (1024, 1499, 475),
+    ]
+    np.testing.assert_allclose(
+        exact["bits_per_byte"], _one_shot_nll(run, split) / 1499 / np.log(2), rtol=1e-4
+    )
+    assert upstream["tokens"] == 1499 and upstream["bits_per_byte"] != exact["bits_per_byte"]
+    table = (out_dir / "context_curve.md").read_text()
+    assert data["table"] in table and "workdir (upstream) bits/byte" in table
+    assert f"{exact['buckets'][1]['bits_per_byte']:.4f}" in table
+    assert (out_dir / "context_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def _error_line(proc: subprocess.CompletedProcess) -> str:
     """The one-line `error: ...` a CLI ends with (exit status 1, no traceback)."""
     assert proc.returncode == 1, proc.stderr[-3000:]
