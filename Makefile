@@ -4,7 +4,7 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 WORKDIR ?= runs/megalodon
 # Everything by default, the slow tests included (plain `pytest` skips them).
-PYTEST_ARGS ?= -m "slow or not slow"
+PYTEST_ARGS ?= -m "slow or not slow" --durations=25
 EXTRAS ?= test
 PY_SOURCES := megalodon_flax configs tests benchmarks main.py
 

@@ -29,13 +29,28 @@ class AttentionCache:
 
 @struct.dataclass
 class LayerCache:
-    """State of one block: TimestepNorm (count, mean, var), CEMA h (B, D, N) complex64,
-    the KV ring, and the number of tokens consumed (int32 scalar)."""
+    """State of one block: TimestepNorm statistics, CEMA h (B, D, N) complex64, the KV ring,
+    and the number of tokens consumed (int32 scalar, see `advanced_position`)."""
 
     norm: NormState
     cema: jax.Array
     attn: AttentionCache
     position: jax.Array
+
+
+# Positions wrap back by the largest multiple of the chunk size below this.
+POSITION_WRAP = 1 << 30
+
+
+def advanced_position(position: jax.Array, length: int, chunk_size: int) -> jax.Array:
+    """The position after `length` more tokens: the count of tokens consumed, until it
+    reaches chunk_size + M (M the largest multiple of chunk_size ≤ 2^30); then it moves back
+    by M. Attention and RoPE use only the place in the chunk grid (position mod chunk_size)
+    and whether a whole chunk precedes it, which the wrap keeps, so a stream never overflows.
+    """
+    span = POSITION_WRAP // chunk_size * chunk_size
+    new = position + length
+    return jnp.where(new >= chunk_size + span, new - span, new)
 
 
 @struct.dataclass
@@ -58,7 +73,7 @@ class ModelCache:
 
     @property
     def position(self) -> jax.Array:
-        """Tokens consumed so far (int32 scalar)."""
+        """Tokens consumed so far (int32 scalar; wraps as `advanced_position` says)."""
         if isinstance(self.layers, LayerCache):
             return self.layers.position[0]
         return self.layers[0].position

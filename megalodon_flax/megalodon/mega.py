@@ -16,7 +16,7 @@ from megalodon_flax.layers.linear import fused_linears
 from megalodon_flax.layers.norms import RMSNorm, rms_normalize
 from megalodon_flax.layers.rotary import apply_rope, rope_frequencies
 from megalodon_flax.megalodon import context_parallel
-from megalodon_flax.megalodon.cache import AttentionCache, LayerCache
+from megalodon_flax.megalodon.cache import AttentionCache, LayerCache, advanced_position
 from megalodon_flax.megalodon.cema import CEMA
 from megalodon_flax.megalodon.chunked_attention import (
     KEY_RING,
@@ -144,7 +144,7 @@ class MovingAverageGatedAttention(nn.Module):
                 norm=norm_state,
                 cema=cema_state,
                 attn=attn_cache,
-                position=cache.position + length,
+                position=advanced_position(cache.position, length, cfg.chunk_size),
             )
 
         g = o.reshape(batch, length, cfg.value_dim) * r

@@ -22,26 +22,72 @@ from flax import struct
 from megalodon_flax.layers import initializers
 from megalodon_flax.megalodon import context_parallel
 
+# The count is kept in two int32 limbs of COUNT_LIMB: exact up to 2^61 timesteps.
+COUNT_LIMB = 1 << 30
+# (count, mean, M2) per row and group, each (B, G) float32.
+Summary = tuple[jax.Array, jax.Array, jax.Array]
+
 
 @struct.dataclass
 class NormState:
     """Streaming statistics per row and group.
 
-    count: (B,) int32, valid timesteps absorbed. mean: (B, G) float32 running mean.
-    var: (B, G) float32 running population variance (1 while count is 0).
+    count: (B,) int32, valid timesteps absorbed modulo 2^30, and count_high (B,) int32 the
+    multiples of 2^30 (`num_absorbed` = count_high·2^30 + count never overflows).
+    mean: (B, G) float32 running mean, with mean_c (B, G) its compensation: the mean is
+    mean + mean_c, so that a long stream's small updates are not rounded away.
+    var, var_c: the running population variance the same way (1 while nothing is absorbed).
     """
 
     count: jax.Array
+    count_high: jax.Array
     mean: jax.Array
+    mean_c: jax.Array
     var: jax.Array
+    var_c: jax.Array
 
     @classmethod
     def fresh(cls, batch_size: int, num_groups: int) -> NormState:
+        zeros = jnp.zeros((batch_size, num_groups), jnp.float32)
         return cls(
             count=jnp.zeros((batch_size,), jnp.int32),
-            mean=jnp.zeros((batch_size, num_groups), jnp.float32),
+            count_high=jnp.zeros((batch_size,), jnp.int32),
+            mean=zeros,
+            mean_c=zeros,
             var=jnp.ones((batch_size, num_groups), jnp.float32),
+            var_c=zeros,
         )
+
+    @classmethod
+    def uncompensated(cls, count: jax.Array, mean: jax.Array, var: jax.Array) -> NormState:
+        """A state of `count` (B,) int timesteps (< 2^31), mean and var (B, G) float32."""
+        count = count.astype(jnp.int32)
+        high = count // COUNT_LIMB
+        zeros = jnp.zeros_like(mean, jnp.float32)
+        return cls(count - high * COUNT_LIMB, high, mean, zeros, var, zeros)
+
+    @property
+    def num_absorbed(self) -> jax.Array:
+        """(B,) float32 count of absorbed timesteps (exact below 2^24)."""
+        return self.count_high.astype(jnp.float32) * COUNT_LIMB + self.count.astype(jnp.float32)
+
+    @property
+    def has_absorbed(self) -> jax.Array:
+        """(B,) bool: whether any timestep was absorbed."""
+        return (self.count > 0) | (self.count_high > 0)
+
+    def counted(self, added: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(count, count_high) after `added` (B,) int32 more timesteps (each call < 2^30)."""
+        total = self.count + added
+        carry = total // COUNT_LIMB
+        return total - carry * COUNT_LIMB, self.count_high + carry
+
+
+def _two_sum(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(s, e) with s = fl(a + b) and s + e = a + b exactly (Knuth's TwoSum)."""
+    s = a + b
+    bb = s - a
+    return s, (a - (s - bb)) + (b - bb)
 
 
 def _chan_merge(
@@ -152,7 +198,7 @@ def _anchored_statistics(
     first_mean = jnp.take_along_axis(jnp.mean(xg, axis=-1), first, axis=1)
     any_valid = jnp.any(valid, axis=1)[:, None, None]
     fresh_anchor = jnp.where(any_valid & jnp.isfinite(first_mean), first_mean, 0.0)
-    has_state = (state.count > 0)[:, None, None]
+    has_state = state.has_absorbed[:, None, None]
     # The normalized output does not depend on the anchor, so no gradient flows through it.
     anchor = jax.lax.stop_gradient(jnp.where(has_state, state.mean[:, None, :], fresh_anchor))
     xg = xg - anchor[..., None]
@@ -161,17 +207,45 @@ def _anchored_statistics(
     blk_var = jnp.mean(jnp.square(xg - blk_mean[..., None]), axis=-1)
     n = jnp.broadcast_to(v.astype(jnp.float32), blk_mean.shape)
     elems = (n, jnp.where(v, blk_mean, 0.0), jnp.where(v, blk_var, 0.0))
-    c0 = state.count.astype(jnp.float32)[:, None]
+    c0 = state.num_absorbed[:, None]
     incoming = (c0 * jnp.ones_like(state.mean), state.mean - anchor[:, 0], c0 * state.var)
     n_tot, mean, m2, n_call = _running_summaries(elems, incoming)
     # Before the first valid step of the call the incoming variance is kept bit-exact.
     var = jnp.where(n_call > 0, m2 / jnp.where(n_tot > 0, n_tot, 1.0), state.var[:, None, :])
-    new_count = state.count + jnp.sum(valid, axis=1, dtype=jnp.int32)
-    new_state = NormState(count=new_count, mean=anchor[:, 0] + mean[:, -1], var=var[:, -1])
+    call = _group_summary(blk_mean, blk_var, valid)
+    new_state = _absorbed(state, anchor[:, 0], call, jnp.sum(valid, axis=1, dtype=jnp.int32))
     return xg, anchor, mean, var, new_state
 
 
-Summary = tuple[jax.Array, jax.Array, jax.Array]
+def _absorbed(state: NormState, anchor: jax.Array, call: Summary, added: jax.Array) -> NormState:
+    """`state` after a call whose summary `call` (count, mean − anchor, M2) each (B, G) counts
+    `added` (B,) timesteps; `anchor` (B, G) is `state.mean` when the state absorbed any.
+
+    The updates of the mean and variance are formed from differences (never from the
+    rounded totals) and added to the compensated pairs with TwoSum, so after 10^8 timesteps an
+    update of 1e-7 of the mean still counts.
+    """
+    n1, m1, big_m1 = call
+    n0 = state.num_absorbed[:, None]
+    has0 = jnp.broadcast_to(state.has_absorbed[:, None], m1.shape)
+    n = n0 + n1
+    safe = jnp.where(n > 0, n, 1.0)
+    r0 = jnp.where(has0, state.mean_c, 0.0)  # the state's mean − anchor
+    delta = m1 - r0
+    mean, mean_c = _two_sum(anchor, r0 + delta * (n1 / safe))
+    v0, v0_c = jnp.where(has0, state.var, 0.0), jnp.where(has0, state.var_c, 0.0)
+    update = (big_m1 - n1 * v0 - n1 * v0_c + delta * delta * (n0 * (n1 / safe))) / safe
+    var, var_c = _two_sum(v0, v0_c + update)
+    took = n1 > 0  # a call of padding only keeps the state bit-exact
+    count, count_high = state.counted(added)
+    return NormState(
+        count=count,
+        count_high=count_high,
+        mean=jnp.where(took, mean, state.mean),
+        mean_c=jnp.where(took, mean_c, state.mean_c),
+        var=jnp.where(took, var, state.var),
+        var_c=jnp.where(took, var_c, state.var_c),
+    )
 
 
 def shard_summary(x: jax.Array, num_groups: int, mask: jax.Array | None) -> Summary:
@@ -184,10 +258,16 @@ def shard_summary(x: jax.Array, num_groups: int, mask: jax.Array | None) -> Summ
     batch, length, dim = x.shape
     xg = x.astype(jnp.float32).reshape(batch, length, num_groups, dim // num_groups)
     valid = jnp.ones((batch, length), bool) if mask is None else mask.astype(bool)
-    v = valid[..., None]
     blk_mean = jnp.mean(xg, axis=-1)
     blk_var = jnp.mean(jnp.square(xg - blk_mean[..., None]), axis=-1)
-    count = jnp.broadcast_to(jnp.sum(v, axis=1, dtype=jnp.float32), (batch, num_groups))
+    return _group_summary(blk_mean, blk_var, valid)
+
+
+def _group_summary(blk_mean: jax.Array, blk_var: jax.Array, valid: jax.Array) -> Summary:
+    """(count, mean, M2) each (B, G) of per-timestep group means and variances (B, L, G)
+    over the `valid` (B, L) timesteps."""
+    v = valid[..., None]
+    count = jnp.broadcast_to(jnp.sum(v, axis=1, dtype=jnp.float32), blk_mean[:, 0].shape)
     safe = jnp.where(count > 0, count, 1.0)
     mean = jnp.sum(jnp.where(v, blk_mean, 0.0), axis=1) / safe
     dev = jnp.square(blk_mean - mean[:, None])
@@ -199,10 +279,10 @@ def state_from_summary(summary: Summary) -> NormState:
     """The `NormState` after the timesteps a summary describes (fresh when it counts none)."""
     count, mean, m2 = summary
     has = count > 0
-    return NormState(
-        count=count[:, 0].astype(jnp.int32),
-        mean=jnp.where(has, mean, 0.0),
-        var=jnp.where(has, m2 / jnp.where(has, count, 1.0), 1.0),
+    return NormState.uncompensated(
+        count[:, 0].astype(jnp.int32),
+        jnp.where(has, mean, 0.0),
+        jnp.where(has, m2 / jnp.where(has, count, 1.0), 1.0),
     )
 
 
@@ -267,7 +347,7 @@ def timestep_norm_statistics_hf(
     valid = jnp.ones((batch, length), bool) if mask is None else mask.astype(bool)
     w = valid[..., None].astype(jnp.float32)
     gm = jnp.where(valid[..., None], jnp.mean(xg, axis=-1), 0.0)
-    c0 = state.count.astype(jnp.float32)[:, None, None]
+    c0 = state.num_absorbed[:, None, None]
     m0 = state.mean[:, None, :]
     v0 = state.var[:, None, :]
     count = c0 + jnp.cumsum(w, axis=1)
@@ -277,8 +357,9 @@ def timestep_norm_statistics_hf(
     m2 = v0 * jnp.maximum(c0, 1.0) + jnp.cumsum(w * (gm - prev_mean) * (gm - mean), axis=1)
     var = jnp.where(count > 0, m2 / safe_count, v0)
     var = jnp.maximum(var, 1e-6)
-    new_count = state.count + jnp.sum(valid, axis=1, dtype=jnp.int32)
-    new_state = NormState(count=new_count, mean=mean[:, -1], var=var[:, -1])
+    count, count_high = state.counted(jnp.sum(valid, axis=1, dtype=jnp.int32))
+    zeros = jnp.zeros_like(state.mean)
+    new_state = NormState(count, count_high, mean[:, -1], zeros, var[:, -1], zeros)
     return mean, var, new_state
 
 

@@ -56,7 +56,7 @@ def _incoming_state(seed: int) -> NormState:
     var = rng.uniform(0.5, 9.0, size=(B, G)).astype(np.float32)
     mean[0], var[0] = 0.0, 1.0
     count = np.array([0, 5, 17], np.int32)
-    return NormState(count=jnp.asarray(count), mean=jnp.asarray(mean), var=jnp.asarray(var))
+    return NormState.uncompensated(jnp.asarray(count), jnp.asarray(mean), jnp.asarray(var))
 
 
 def _random_mask(seed: int, batch: int = B, length: int = L) -> np.ndarray:
@@ -223,10 +223,10 @@ def test_masked_outputs_are_zero() -> None:
 def _busy_state(seed: int) -> NormState:
     """Non-trivial incoming statistics on every row (counts 1..1000, arbitrary variances)."""
     rng = np.random.default_rng(seed)
-    return NormState(
-        count=jnp.asarray(rng.integers(1, 1000, size=B), jnp.int32),
-        mean=jnp.asarray(3.0 * rng.normal(size=(B, G)), jnp.float32),
-        var=jnp.asarray(rng.uniform(0.1, 9.0, size=(B, G)), jnp.float32),
+    return NormState.uncompensated(
+        jnp.asarray(rng.integers(1, 1000, size=B), jnp.int32),
+        jnp.asarray(3.0 * rng.normal(size=(B, G)), jnp.float32),
+        jnp.asarray(rng.uniform(0.1, 9.0, size=(B, G)), jnp.float32),
     )
 
 
