@@ -124,8 +124,10 @@ def measure(
     record["compile_s"] = round(common.now() - start, 2)
     record["memory"] = common.compiled_memory(compiled)
     full = collective_bytes(compiled.as_text())
-    _, half_compiled = compile_step(train_config(context, length // 2, quick, compute_dtype))
-    half = collective_bytes(half_compiled.as_text())
+    half = dict.fromkeys(COLLECTIVES, 0)
+    if context > 1:  # one device has no collectives at any length
+        _, half_compiled = compile_step(train_config(context, length // 2, quick, compute_dtype))
+        half = collective_bytes(half_compiled.as_text())
     record["collective_bytes_per_layer"] = {k: v / layers for k, v in full.items()}
     record["collective_bytes_per_layer_at_half_length"] = {k: v / layers for k, v in half.items()}
     if steps:

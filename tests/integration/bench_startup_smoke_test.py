@@ -112,7 +112,7 @@ def test_context_parallel_benchmark_reads_memory_and_collectives(tmp_path: Path)
     """Oracles: the collective bytes parsed from the HLO at L equal those at L/2 (state
     exchange does not grow with L), temporaries fall with P, and the table repeats the JSON."""
     out = tmp_path / "cp.json"
-    args = ["--quick", "--length", "1024", "--contexts", "1,4", "--steps", "1"]
+    args = ["--quick", "--length", "512", "--contexts", "1,4", "--steps", "1"]
     proc = _run_benchmark("bench_context_parallel", *args, "--out", str(out))
     data = json.loads(out.read_text())
     assert data["simulated_devices"] == 8 and "not speed-ups" in data["note"]

@@ -29,8 +29,8 @@ from tests.factories import tiny_train_config
 
 MESHES = ((1, 1, 1, 8), (2, 1, 1, 4), (1, 2, 1, 4), (2, 1, 2, 2))
 DATA_SEED = 9
-# bf16 matmuls round differently when the reductions are split: relative tolerance of the
-# bf16 + remat + gradient-accumulation run (measured deviations are below 2e-3).
+# bf16 matmuls round differently when the reductions are split: the relative tolerance of
+# the bf16 + remat + scanned + gradient-accumulation run against one device.
 BF16_RTOL = 1e-2
 
 
@@ -254,7 +254,7 @@ def test_context_axis_across_two_processes_matches_one_device(reference) -> None
 
 
 def long_smoke_config(data_dir: str, manual_dir: str):
-    """`configs/megalodon_long.py` with a small model, 4,096-byte sequences and 3 steps,
+    """`configs/megalodon_long.py` with a small model, 4,096-byte sequences and 2 steps,
     evaluated in both modes and sampled at the end."""
     from configs import megalodon_long
 
@@ -264,12 +264,12 @@ def long_smoke_config(data_dir: str, manual_dir: str):
         cema_ndim=2, chunk_size=64, norm_num_groups=2, compute_dtype="float32",
     )  # fmt: skip
     config.seq_len = 4096
-    config.num_train_steps = 3
+    config.num_train_steps = 2
     config.log_every_steps = 1
     config.schedule.warmup_steps = 1
-    config.eval.update(every_steps=3, num_batches=1, mode="both", stream_max_bytes=2048)
-    config.checkpoint.every_steps = 3
-    config.sampling.update(every_steps=3, length=16)
+    config.eval.update(every_steps=2, num_batches=1, mode="both", stream_max_bytes=2048)
+    config.checkpoint.every_steps = 2
+    config.sampling.update(every_steps=2, length=16)
     config.profile.num_steps = 0
     config.data.update(data_dir=data_dir, manual_dir=manual_dir)
     return config
@@ -288,7 +288,7 @@ def get_config():
 def test_long_context_recipe_trains_over_eight_devices_like_one(tmp_path: Path) -> None:
     """The long-context recipe on a context axis of 8 devices (a child process running
     `main.py`) against the same run on this process's one device."""
-    data_dir, manual_dir = helpers.make_enwik8_dirs(tmp_path / "data", num_bytes=200_000)
+    data_dir, manual_dir = helpers.make_enwik8_dirs(tmp_path / "data", num_bytes=120_000)
     config_path = tmp_path / "long_config.py"
     config_path.write_text(_LONG_CONFIG.format(data_dir=data_dir, manual_dir=manual_dir))
     proc = subprocess.run(
