@@ -28,7 +28,7 @@ class Family:
         name: The `config.model_family` value.
         config_class: Its frozen model config (with `from_mapping`).
         module_class: Its language model, called as `(tokens, *, cache=None,
-            attention_mask=None, deterministic=True, return_cache=False)`.
+            attention_mask=None, segment_ids=None, deterministic=True, return_cache=False)`.
         init_cache: `(config, batch_size, capacity) -> cache` for `capacity` positions per
             row (a carried-state family ignores the capacity: its state has a fixed size).
         parameter_count: `config -> int`, the closed form checked against the built tree.

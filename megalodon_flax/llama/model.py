@@ -32,6 +32,7 @@ from megalodon_flax.layers.linear import Linear
 from megalodon_flax.layers.norms import RMSNorm
 from megalodon_flax.layers.remat import rematted
 from megalodon_flax.layers.rotary import apply_rope, rope_frequencies
+from megalodon_flax.layers.segments import check_segment_ids, segments_from_ids
 from megalodon_flax.llama.cache import LayerKV, LlamaCache, init_cache
 from megalodon_flax.llama.config import LlamaConfig
 
@@ -65,12 +66,13 @@ class LlamaAttention(nn.Module):
         positions: jax.Array,
         kv: LayerKV | None,
         start: jax.Array | None,
-        key_valid: jax.Array | None,
+        visible: jax.Array | None,
         deterministic: bool,
     ) -> tuple[jax.Array, LayerKV | None]:
-        """x (B, L, D), positions (L,) → (B, L, D) and the updated KV buffers.
+        """x (B, L, D), positions (L,) or (B, L) → (B, L, D) and the updated KV buffers.
 
-        `key_valid` (B, L) bool, without `kv` only: False keys are never attended.
+        `visible` (B, 1, L, L) bool, without `kv` only: which keys each query may see
+        (replaces the causal rule; see `LlamaLM`).
 
         Without `kv`, position i attends to positions ≤ i of this call. With `kv` (capacity T)
         the call's keys and values are written at [start, start + L) and query i attends to
@@ -100,9 +102,9 @@ class LlamaAttention(nn.Module):
             values = jax.lax.dynamic_update_slice(kv.values, v, index)
             kv = LayerKV(keys, values)
             key_positions = jnp.arange(keys.shape[1], dtype=positions.dtype)
-        allowed = key_positions[None, :] <= positions[:, None]  # (L, T), broadcast over (B, H)
-        if key_valid is not None:
-            allowed = allowed & key_valid[:, None, None, :]  # (B, 1, L, L)
+        allowed = visible
+        if allowed is None:
+            allowed = key_positions[None, :] <= positions[:, None]  # (L, T) over (B, H)
         prob_dropout = None
         if cfg.attention_dropout > 0.0 and not deterministic:
             prob_dropout = nn.Dropout(cfg.attention_dropout, deterministic=False)
@@ -139,7 +141,7 @@ class LlamaBlock(nn.Module):
         positions: jax.Array,
         kv: LayerKV | None,
         start: jax.Array | None,
-        key_valid: jax.Array | None = None,
+        visible: jax.Array | None = None,
         deterministic: bool = True,
     ) -> tuple[jax.Array, LayerKV | None]:
         """x (B, L, D) → (B, L, D) in the compute dtype and the updated KV buffers."""
@@ -148,7 +150,7 @@ class LlamaBlock(nn.Module):
         drop = nn.Dropout(cfg.dropout)
         h = _rms_norm(cfg, "attention_norm")(x).astype(cd)
         h, kv = LlamaAttention(cfg, name="attention")(
-            h, positions, kv, start, key_valid, deterministic
+            h, positions, kv, start, visible, deterministic
         )
         x = x + drop(h, deterministic=deterministic)
         h = _rms_norm(cfg, "ffn_norm")(x).astype(cd)
@@ -173,6 +175,7 @@ class LlamaLM(nn.Module):
         *,
         cache: LlamaCache | None = None,
         attention_mask: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
         deterministic: bool = True,
         return_cache: bool = False,
     ) -> tuple[jax.Array, LlamaCache | None]:
@@ -182,7 +185,10 @@ class LlamaLM(nn.Module):
         needs a buffer: pass `llama.cache.init_cache(...)`). `return_cache` exists for
         signature parity with `MegalodonLM`; a given cache is always returned updated.
         `attention_mask` (B, L) bool or 0/1 marks valid tokens (right padding only); it cannot
-        be combined with a cache. See the module docstring for the input checks.
+        be combined with a cache. `segment_ids` (B, L) int packs documents in a row (0 =
+        padding, a run starts where the id changes): attention stays inside each run and
+        positions restart at its start; it cannot be combined with `attention_mask` or a
+        cache. See the module docstring for the input checks.
         """
         del return_cache
         cfg = self.config
@@ -192,9 +198,24 @@ class LlamaLM(nn.Module):
             raise ValueError(
                 "attention_mask cannot be combined with a cache (cached calls take unpadded tokens)"
             )
-        key_valid, row_ok = None, None
+        if segment_ids is not None and (attention_mask is not None or cache is not None):
+            raise ValueError(
+                "segment_ids cannot be combined with attention_mask (segment 0 is the padding) "
+                "or a cache (packed rows start fresh)"
+            )
+        visible, row_ok = None, None
+        length = tokens.shape[1]
+        causal = jnp.tril(jnp.ones((length, length), bool))
         if attention_mask is not None:
             key_valid, row_ok = input_checks.check_attention_mask(attention_mask, tokens.shape)
+            visible = causal & key_valid[:, None, None, :]
+        segments = None
+        if segment_ids is not None:
+            segments = segments_from_ids(check_segment_ids(segment_ids, tokens.shape))
+            run = segments.run_start
+            same_run = run[:, :, None] == run[:, None, :]
+            valid = segments.valid
+            visible = (causal & same_run & valid[:, :, None] & valid[:, None, :])[:, None]
         fits = None
         if cache is not None:
             fits = check_cache(cfg, cache, tokens.shape)
@@ -205,10 +226,11 @@ class LlamaLM(nn.Module):
             (cfg.vocab_size, cfg.model_dim),
             cfg.params_jnp_dtype,
         )
-        length = tokens.shape[1]
         start = None if cache is None else cache.length
         offset = 0 if start is None else start
         positions = offset + jnp.arange(length, dtype=jnp.int32)
+        if segments is not None:
+            positions = segments.position
         ids, valid = input_checks.in_vocabulary(tokens, cfg.vocab_size)
         x = jnp.take(embedding, ids, axis=0).astype(cd)
         x = jnp.where(valid[..., None], x, jnp.zeros((), cd))  # an out-of-range id: zeros
@@ -217,9 +239,7 @@ class LlamaLM(nn.Module):
         new_layers = []
         for i in range(cfg.num_layers):
             kv = None if cache is None else cache.layers[i]
-            x, kv = block(cfg, name=f"layers_{i}")(
-                x, positions, kv, start, key_valid, deterministic
-            )
+            x, kv = block(cfg, name=f"layers_{i}")(x, positions, kv, start, visible, deterministic)
             new_layers.append(kv)
         h = _rms_norm(cfg, "norm")(x)
         logits = jnp.dot(h.astype(cd), embedding.astype(cd).T, preferred_element_type=jnp.float32)

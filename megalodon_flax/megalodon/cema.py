@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from megalodon_flax.layers import initializers
+from megalodon_flax.layers.segments import Segments
 from megalodon_flax.megalodon import context_parallel
 
 # Smallest |q| used inside log(): keeps j·log|q| finite when σ saturates to |q| = 0.
@@ -226,16 +227,30 @@ def cema_fft(
     return y, state
 
 
+def _decays(q: jax.Array, length: int, starts: jax.Array | None) -> jax.Array:
+    """The factor A_t applied to h[t−1]: q, or 0 where a run starts; (L, B|1, D, N)."""
+    a = jnp.broadcast_to(q, (length, 1, *q.shape))
+    if starts is None:
+        return a
+    return jnp.where(jnp.moveaxis(starts, -1, 0)[..., None, None], jnp.zeros((), a.dtype), a)
+
+
 def cema_associative_scan(
-    coeffs: CemaCoefficients, x: jax.Array, h_init: jax.Array | None = None
+    coeffs: CemaCoefficients,
+    x: jax.Array,
+    h_init: jax.Array | None = None,
+    starts: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """Associative-scan path. x (B, D, L) float32 → (y_ema (B,D,L), states h (L, B, D, N))."""
+    """Associative-scan path. x (B, D, L) float32 → (y_ema (B,D,L), states h (L, B, D, N)).
+
+    `starts` (B, L) bool resets the state where a run starts (A_t = 0, spec §3.5).
+    """
     q = coeffs.q  # (D, N)
     x_t = jnp.moveaxis(x, -1, 0)  # (L, B, D)
     b = coeffs.p * x_t[..., None].astype(jnp.complex64)  # (L, B, D, N)
     if h_init is not None:
         b = b.at[0].add(q * h_init)
-    a = jnp.broadcast_to(q, (x_t.shape[0], 1, *q.shape))  # (L, 1, D, N)
+    a = _decays(q, x_t.shape[0], starts)
 
     def combine(left, right):
         a_l, b_l = left
@@ -248,22 +263,148 @@ def cema_associative_scan(
 
 
 def cema_sequential(
-    coeffs: CemaCoefficients, x: jax.Array, h_init: jax.Array | None = None
+    coeffs: CemaCoefficients,
+    x: jax.Array,
+    h_init: jax.Array | None = None,
+    starts: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """Sequential path (lax.scan). x (B, D, L) float32 → (y_ema (B, D, L), final state)."""
+    """Sequential path (lax.scan). x (B, D, L) float32 → (y_ema (B, D, L), final state).
+
+    `starts` (B, L) bool resets the state where a run starts.
+    """
     q = coeffs.q
     if h_init is None:
         h_init = jnp.zeros(x.shape[:2] + q.shape[-1:], jnp.complex64)
-    if x.shape[-1] == 1:  # one decode step: no loop
+    if x.shape[-1] == 1 and starts is None:  # one decode step: no loop
         h = q * h_init.astype(jnp.complex64) + coeffs.p * x
         return _readout(coeffs, h)[..., None], h
 
-    def step(h: jax.Array, x_t: jax.Array) -> tuple[jax.Array, jax.Array]:
-        h = q * h + coeffs.p * x_t[..., None]
+    def step(h: jax.Array, inputs: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        x_t, a_t = inputs
+        h = a_t * h + coeffs.p * x_t[..., None]
         return h, _readout(coeffs, h)
 
-    h_final, y = jax.lax.scan(step, h_init.astype(jnp.complex64), jnp.moveaxis(x, -1, 0))
+    decays = _decays(q, x.shape[-1], starts)
+    h_final, y = jax.lax.scan(step, h_init.astype(jnp.complex64), (jnp.moveaxis(x, -1, 0), decays))
     return jnp.moveaxis(y, 0, -1), h_final
+
+
+@jax.custom_vjp
+def _in_block_lags(kernel: jax.Array, xb: jax.Array, pos: jax.Array) -> jax.Array:
+    """y[t] = Σ_{k ≤ pos[t]} K[d, k] x[t − k] within each block; kernel (D, T),
+    xb (B, D, nb, T), pos (B, 1, nb, T) → (B, D, nb, T).
+
+    The lags run in a loop, forward and backward: unrolled, XLA CPU fused the lag sum and
+    the layers below it into each of their consumers and recomputed them there (3× the
+    train step; optimization barriers do not survive its pipeline).
+    """
+    size = kernel.shape[1]
+    padded = jnp.pad(xb, ((0, 0), (0, 0), (0, 0), (size - 1, 0)))
+
+    def lag(k, y):
+        shifted = jax.lax.dynamic_slice_in_dim(padded, size - 1 - k, size, axis=3)
+        weight = jax.lax.dynamic_index_in_dim(kernel, k, axis=1, keepdims=False)
+        return y + weight[None, :, None, None] * jnp.where(pos >= k, shifted, 0.0)
+
+    return jax.lax.fori_loop(0, size, lag, jnp.zeros_like(xb))
+
+
+def _in_block_lags_fwd(kernel, xb, pos):
+    return _in_block_lags(kernel, xb, pos), (kernel, xb, pos)
+
+
+def _in_block_lags_bwd(residuals, g):
+    kernel, xb, pos = residuals
+    size = kernel.shape[1]
+    padded = jnp.pad(xb, ((0, 0), (0, 0), (0, 0), (size - 1, 0)))
+
+    def lag(k, carry):
+        d_kernel, d_x = carry
+        g_k = jnp.where(pos >= k, g, 0.0)
+        shifted = jax.lax.dynamic_slice_in_dim(padded, size - 1 - k, size, axis=3)
+        column = jnp.einsum("bdmt,bdmt->d", g_k, shifted)
+        d_kernel = jax.lax.dynamic_update_index_in_dim(d_kernel, column, k, axis=1)
+        g_padded = jnp.pad(g_k, ((0, 0), (0, 0), (0, 0), (0, size - 1)))
+        weight = jax.lax.dynamic_index_in_dim(kernel, k, axis=1, keepdims=False)
+        earlier = jax.lax.dynamic_slice_in_dim(g_padded, k, size, axis=3)
+        return d_kernel, d_x + weight[None, :, None, None] * earlier
+
+    zeros = (jnp.zeros_like(kernel), jnp.zeros_like(xb))
+    d_kernel, d_x = jax.lax.fori_loop(0, size, lag, zeros)
+    return d_kernel, d_x, None
+
+
+_in_block_lags.defvjp(_in_block_lags_fwd, _in_block_lags_bwd)
+
+
+# Timesteps per block of the blocked reset path: lags inside a block are summed directly,
+# longer ones go through the block states (benchmarks/bench_packing.py chose it).
+RESET_BLOCK = 16
+
+
+def cema_blocked_resets(
+    coeffs: CemaCoefficients, x: jax.Array, position: jax.Array, size: int = RESET_BLOCK
+) -> jax.Array:
+    """CEMA output with a state reset at every run start, in blocks of `size` timesteps.
+
+    Args:
+      coeffs: the layer's coefficients.
+      x: (B, D, L) float32, padding already zeroed.
+      position: (B, L) int32 position of each timestep within its run (0 = a reset).
+      size: T, timesteps per block.
+
+    Returns:
+      y_ema (B, D, L) float32 (no ω term): Σ_{k ≤ position[t]} K[k] x[t − k] for the
+      impulse response K of `cema_kernel`.
+
+    Inside a block, y[t] sums K[k] x[t − k] over the lags k < T that stay in the block and in
+    the run (k ≤ position[t]). Each block reduces to its end state (from its last reset, or
+    its start); an associative scan over the blocks, which drops the incoming state of a
+    block that holds a reset, gives every block's incoming state s, whose term
+    Re Σ_n γ q^(t − b0 + 1) s reaches the timesteps of the block before its first reset.
+    """
+    batch, dim, length = x.shape
+    blocks = -(-length // size)
+    pad = blocks * size - length
+    xb = jnp.pad(x, ((0, 0), (0, 0), (0, pad))).reshape(batch, dim, blocks, size)
+    pos = jnp.pad(position, ((0, 0), (0, pad)), constant_values=size)
+    pos = pos.reshape(batch, 1, blocks, size)
+    offset = jnp.arange(size, dtype=jnp.int32)  # t − b0
+
+    # q^j for j ≤ T, straight from the polar form (T is small): (D, N, T + 1) each.
+    pow_re, pow_im = _powers(coeffs, jnp.arange(size + 1, dtype=jnp.float32))
+    kernel = jnp.einsum("dn,dnk->dk", coeffs.p * coeffs.gamma_re, pow_re[..., :size]) - jnp.einsum(
+        "dn,dnk->dk", coeffs.p * coeffs.gamma_im, pow_im[..., :size]
+    )  # K[d, k] for k < T
+    y = _in_block_lags(kernel, xb, pos)
+
+    # The end state of each block from its last reset (earlier inputs drop out):
+    # p Σ_k q^k x[end − k], as Re/Im parts (nb, B, D, N).
+    end = pos[..., -1:]  # (B, 1, nb, 1)
+    kept = (xb * (size - 1 - offset <= end))[..., ::-1]  # lag k = T − 1 − offset
+    local_re = coeffs.p * jnp.einsum("bdmk,dnk->mbdn", kept, pow_re[..., :size])
+    local_im = coeffs.p * jnp.einsum("bdmk,dnk->mbdn", kept, pow_im[..., :size])
+    decay_re, decay_im = pow_re[..., size], pow_im[..., size]  # q^T (D, N)
+    carries = jnp.moveaxis(end[:, 0, :, 0] >= size, 1, 0)[..., None, None]  # (nb, B, 1, 1)
+
+    def step(state, block):
+        # Real and imaginary parts kept apart: complex arithmetic is slow on XLA CPU.
+        s_re, s_im = state
+        l_re, l_im, carry = block
+        n_re = jnp.where(carry, decay_re * s_re - decay_im * s_im, 0.0) + l_re
+        n_im = jnp.where(carry, decay_re * s_im + decay_im * s_re, 0.0) + l_im
+        return (n_re, n_im), state
+
+    zeros = jnp.zeros(local_re.shape[1:], jnp.float32)
+    _, (in_re, in_im) = jax.lax.scan(step, (zeros, zeros), (local_re, local_im, carries))
+    # Re Σ_n γ s q^(offset + 1) for the incoming state s of each block.
+    gs_re = coeffs.gamma_re * in_re - coeffs.gamma_im * in_im
+    gs_im = coeffs.gamma_re * in_im + coeffs.gamma_im * in_re
+    bias = jnp.einsum("mbdn,dnt->bdmt", gs_re, pow_re[..., 1:]) - jnp.einsum(
+        "mbdn,dnt->bdmt", gs_im, pow_im[..., 1:]
+    )
+    y = y + jnp.where(pos > offset, bias, 0.0)
+    return y.reshape(batch, dim, blocks * size)[..., :length]
 
 
 def _moving_average(
@@ -327,14 +468,32 @@ def cema(
     return_state: bool = False,
     block: int = 4096,
     split: context_parallel.ContextSplit | None = None,
+    segments: Segments | None = None,
 ) -> tuple[jax.Array, jax.Array | None]:
     """CEMA on the channel-major input x (B, D, L); returns (y (B,D,L) f32, state (B,D,N)|None).
 
     `split` (from `context_parallel.active_split`) splits L over a mesh axis; the call then
-    starts from a zero state.
+    starts from a zero state. `segments` resets the state at every run start (a fresh call
+    that returns no state): the "fft" path then runs `cema_blocked_resets`, "scan" and
+    "sequential" their recurrences with A_t = 0 at run starts.
     """
     x = x.astype(jnp.float32)
-    if split is None:
+    if segments is not None:
+        if h_init is not None or return_state or split is not None:
+            raise ValueError(
+                "a CEMA over packed rows (segments) starts from a zero state, returns no "
+                "state and runs unsplit"
+            )
+        if path == "fft":
+            y = cema_blocked_resets(coeffs, x, segments.position)
+        elif path == "scan":
+            y, _ = cema_associative_scan(coeffs, x, None, segments.starts)
+        elif path == "sequential":
+            y, _ = cema_sequential(coeffs, x, None, segments.starts)
+        else:
+            raise ValueError(f"unknown CEMA path {path!r}")
+        state = None
+    elif split is None:
         y, state = _moving_average(coeffs, x, h_init, path, return_state, block)
     elif h_init is not None:
         raise ValueError("a CEMA split over a context axis starts from a zero state")
@@ -365,11 +524,13 @@ class CEMA(nn.Module):
         path: str = "fft",
         return_state: bool = False,
         split: context_parallel.ContextSplit | None = None,
+        segments: Segments | None = None,
     ) -> tuple[jax.Array, jax.Array | None]:
         """x (B, L, D) any float dtype → (y (B, L, D) same dtype, state (B, D, N) complex64|None).
 
         `mask` (B, L) marks valid tokens; masked inputs are replaced by 0 before the recurrence
-        (the state still decays through them). `split`: see `cema`.
+        (the state still decays through them). `split`, `segments`: see `cema`; with
+        `segments` the padding (segment 0) inputs are zeroed as well.
         """
         dim = x.shape[-1]
         n = self.ndim
@@ -412,6 +573,8 @@ class CEMA(nn.Module):
         )
         coeffs = cema_coefficients(alpha, delta, theta, gamma_real, gamma_imag)
         x32 = x.astype(f32)
+        if segments is not None:
+            mask = segments.valid
         if mask is not None:
             x32 = jnp.where(mask[..., None], x32, 0.0)
         y, new_state = cema(
@@ -423,5 +586,6 @@ class CEMA(nn.Module):
             return_state=return_state,
             block=self.block,
             split=split,
+            segments=segments,
         )
         return jnp.swapaxes(y, 1, 2).astype(x.dtype), new_state

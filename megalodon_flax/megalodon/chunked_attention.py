@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from megalodon_flax.layers.attention import MASKED_SCORE, DropoutFn, masked_attention
+from megalodon_flax.layers.segments import Segments
 from megalodon_flax.megalodon.cache import AttentionCache
 
 
@@ -60,6 +61,62 @@ def chunked_attention(
             chunks(q), chunks(k), chunks(v), allowed, compute_dtype, prob_dropout
         )
     return out.reshape((batch, num_chunks * chunk_size, *out.shape[3:]))[:, :length]
+
+
+def packed_chunked_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    chunk_size: int,
+    segments: Segments,
+    compute_dtype=jnp.float32,
+    prob_dropout: DropoutFn | None = None,
+) -> jax.Array:
+    """Chunked attention over packed rows: each run has its own chunk grid from its start.
+
+    A query at run position ℓ sees the keys of its run at positions ℓ' ≤ ℓ with
+    floor(ℓ'/C) = floor(ℓ/C), all within the previous C − 1 row positions, so the queries of
+    row chunk g attend over row chunks g − 1 and g (a band of 2C keys); padding keys
+    (segment 0) are never seen and padding queries output zeros.
+
+    Args:
+      q, k: (B, L, H, Dh); v: (B, L, H, Dv).
+      chunk_size: C.
+      segments: the run layout of the rows.
+
+    Returns:
+      (B, L, H, Dv) in compute_dtype.
+    """
+    batch, length = q.shape[:2]
+    c = chunk_size
+    num_chunks = -(-length // c)
+    pad = num_chunks * c - length
+
+    def chunks(a: jax.Array, fill=0) -> jax.Array:
+        a = jnp.pad(a, ((0, 0), (0, pad)) + ((0, 0),) * (a.ndim - 2), constant_values=fill)
+        return a.reshape((batch, num_chunks, c, *a.shape[2:]))
+
+    def band(a: jax.Array, fill=0) -> jax.Array:  # (B, n, C, ·) → (B, n, 2C, ·)
+        before = jnp.pad(a, ((0, 0), (1, 0)) + ((0, 0),) * (a.ndim - 2), constant_values=fill)
+        return jnp.concatenate([before[:, :-1], a], axis=2)
+
+    run = chunks(segments.run_start, -1)  # padding after L: a run of its own
+    local_chunk = chunks(segments.position // c)
+    valid = chunks(segments.valid)
+    index = chunks(jnp.arange(length, dtype=jnp.int32)[None].repeat(batch, 0), length)
+    same = band(run, -2)[:, :, None, :] == run[..., None]
+    allowed = (
+        same
+        & (band(local_chunk)[:, :, None, :] == local_chunk[..., None])
+        & (band(index)[:, :, None, :] <= index[..., None])
+        & band(valid)[:, :, None, :]
+        & valid[..., None]
+    )  # (B, n, C, 2C)
+    keys, values = band(chunks(k)), band(chunks(v))
+    out = masked_attention(
+        chunks(q), keys, values, allowed[:, :, None], compute_dtype, prob_dropout
+    )
+    return out.reshape((batch, num_chunks * c, *out.shape[3:]))[:, :length]
 
 
 def resolve_attention_impl(impl: str) -> str:

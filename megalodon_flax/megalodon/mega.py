@@ -15,6 +15,7 @@ from megalodon_flax.layers import initializers
 from megalodon_flax.layers.linear import fused_linears
 from megalodon_flax.layers.norms import RMSNorm, rms_normalize
 from megalodon_flax.layers.rotary import apply_rope, rope_frequencies
+from megalodon_flax.layers.segments import Segments
 from megalodon_flax.megalodon import context_parallel
 from megalodon_flax.megalodon.cache import AttentionCache, LayerCache, advanced_position
 from megalodon_flax.megalodon.cema import CEMA
@@ -22,6 +23,7 @@ from megalodon_flax.megalodon.chunked_attention import (
     KEY_RING,
     VALUE_RING,
     chunked_attention,
+    packed_chunked_attention,
     streaming_attention,
     updated_ring,
 )
@@ -44,6 +46,7 @@ class MovingAverageGatedAttention(nn.Module):
         x: jax.Array,
         cache: LayerCache | None = None,
         mask: jax.Array | None = None,
+        segments: Segments | None = None,
         deterministic: bool = True,
         return_cache: bool = False,
     ) -> tuple[jax.Array, LayerCache | None]:
@@ -51,6 +54,7 @@ class MovingAverageGatedAttention(nn.Module):
 
         With `cache=None` and `return_cache=True` the call starts from a fresh state on the
         vectorized path (no initial-state terms) and returns the state after it.
+        `segments` (packed rows, no cache) resets every component at each run start.
         """
         cfg = self.config
         cd = cfg.compute_jnp_dtype
@@ -63,11 +67,11 @@ class MovingAverageGatedAttention(nn.Module):
             return nn.Dropout(rate)(a, deterministic=False)
 
         split = None
-        if cache is None and not return_cache:
+        if cache is None and not return_cache and segments is None:
             split = context_parallel.active_split(batch, length)
         x_tn, norm_state = TimestepNorm(
             cfg.norm_num_groups, cfg.norm_eps, cfg.timestep_norm_variant, name="timenorm"
-        )(x, None if cache is None else cache.norm, mask, split)
+        )(x, None if cache is None else cache.norm, mask, split, segments)
 
         if cache is None and not return_cache:
             cema_path, want_state = cfg.cema_path, False
@@ -83,6 +87,7 @@ class MovingAverageGatedAttention(nn.Module):
             cema_path,
             want_state,
             split,
+            segments,
         )
 
         mx = RMSNorm(cfg.norm_eps, cfg.norm_affine, "gamma", name="rmsnorm")(c).astype(cd)
@@ -109,8 +114,11 @@ class MovingAverageGatedAttention(nn.Module):
         v = jax.nn.silu(v).reshape(batch, length, heads, dv)
         r = jax.nn.silu(r)
 
-        start = jnp.zeros((), jnp.int32) if cache is None else cache.position
-        positions = (start + jnp.arange(length, dtype=jnp.int32)) % cfg.chunk_size
+        if segments is not None:
+            positions = segments.position % cfg.chunk_size
+        else:
+            start = jnp.zeros((), jnp.int32) if cache is None else cache.position
+            positions = (start + jnp.arange(length, dtype=jnp.int32)) % cfg.chunk_size
         freqs = rope_frequencies(dh, cfg.effective_rope_base)
         q = apply_rope(q, positions, freqs, cfg.rope_layout).astype(cd)
         k = apply_rope(k, positions, freqs, cfg.rope_layout).astype(cd)
@@ -119,9 +127,12 @@ class MovingAverageGatedAttention(nn.Module):
             prob_dropout = None
             if cfg.attention_dropout > 0.0 and not deterministic:
                 prob_dropout = nn.Dropout(cfg.attention_dropout, deterministic=False)
-            o = chunked_attention(
-                q, k, v, cfg.chunk_size, mask, cd, prob_dropout, cfg.attention_impl
-            )
+            if segments is not None:
+                o = packed_chunked_attention(q, k, v, cfg.chunk_size, segments, cd, prob_dropout)
+            else:
+                o = chunked_attention(
+                    q, k, v, cfg.chunk_size, mask, cd, prob_dropout, cfg.attention_impl
+                )
             new_cache = None
             if return_cache:
                 start = jnp.zeros((), jnp.int32)

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from megalodon_flax.layers import initializers, input_checks
 from megalodon_flax.layers.linear import Linear
 from megalodon_flax.layers.remat import rematted
+from megalodon_flax.layers.segments import Segments, check_segment_ids, segments_from_ids
 from megalodon_flax.megalodon import context_parallel
 from megalodon_flax.megalodon.cache import LayerCache, ModelCache, init_cache
 from megalodon_flax.megalodon.config import MegalodonConfig
@@ -33,6 +34,7 @@ class MegalodonBlock(nn.Module):
         x: jax.Array,
         cache: LayerCache | None = None,
         mask: jax.Array | None = None,
+        segments: Segments | None = None,
         deterministic: bool = True,
         return_cache: bool = False,
         layer_index: jax.Array | None = None,
@@ -43,7 +45,7 @@ class MegalodonBlock(nn.Module):
         every layer), sets the per-layer FFN rescale at initialization.
         """
         y, cache = MovingAverageGatedAttention(self.config, name="attn")(
-            x, cache, mask, deterministic, return_cache
+            x, cache, mask, segments, deterministic, return_cache
         )
         index = self.layer_index if layer_index is None else layer_index
         out = NormalizedFFN(self.config, index, name="ffn")(y, x, deterministic)
@@ -67,14 +69,14 @@ class MegalodonModel(nn.Module):
             param_dtype=cfg.params_jnp_dtype,
         )
         block = rematted(
-            MegalodonBlock, cfg.remat_policy, static_argnums=(4, 5), scanned=cfg.scan_layers
+            MegalodonBlock, cfg.remat_policy, static_argnums=(5, 6), scanned=cfg.scan_layers
         )
         if cfg.scan_layers:
             scanned = nn.scan(
                 block,
                 variable_axes={"params": 0},
                 split_rngs={"params": True, "dropout": True},
-                in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, 0),
+                in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0),
                 length=cfg.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
@@ -89,6 +91,7 @@ class MegalodonModel(nn.Module):
         tokens: jax.Array,
         cache: ModelCache | None = None,
         mask: jax.Array | None = None,
+        segments: Segments | None = None,
         deterministic: bool = True,
         return_cache: bool = False,
     ) -> tuple[jax.Array, ModelCache | None]:
@@ -109,18 +112,21 @@ class MegalodonModel(nn.Module):
         if cfg.scan_layers:
             indices = jnp.arange(cfg.num_layers, dtype=jnp.int32)
             layer_caches = None if cache is None else cache.layers
-            x, new_layers = self.layers(x, layer_caches, mask, deterministic, return_cache, indices)
+            x, new_layers = self.layers(
+                x, layer_caches, mask, segments, deterministic, return_cache, indices
+            )
         else:
             new_layers = []
             for i, layer in enumerate(self.layers):
                 layer_cache = None if cache is None else cache.layers[i]
-                x, layer_cache = layer(x, layer_cache, mask, deterministic, return_cache)
+                x, layer_cache = layer(x, layer_cache, mask, segments, deterministic, return_cache)
                 new_layers.append(layer_cache)
             new_layers = tuple(new_layers)
         split = None
-        if cache is None and not return_cache:
+        if cache is None and not return_cache and segments is None:
             split = context_parallel.active_split(*tokens.shape)
-        x, final_state = self.norm(x, None if cache is None else cache.final_norm, mask, split)
+        final_cache = None if cache is None else cache.final_norm
+        x, final_state = self.norm(x, final_cache, mask, split, segments)
         if cache is None and not return_cache:
             return x, None
         return x, ModelCache(layers=new_layers, final_norm=final_state)
@@ -142,7 +148,10 @@ class MegalodonLM(nn.Module):
     `return_cache=True` without a cache starts fresh streams on the vectorized path and
     returns their cache (a faster prefill than passing `init_cache`). `attention_mask`
     (B, L) bool or 0/1 marks valid tokens (right padding only); it cannot be combined with
-    a cache. Dropout needs `rngs={'dropout': key}` when `deterministic=False`.
+    a cache. `segment_ids` (B, L) int packs several documents in a row (0 = padding; a run
+    starts wherever the id changes, spec §5.7): each document's logits are those of the
+    document alone. It cannot be combined with `attention_mask`, a cache or `return_cache`.
+    Dropout needs `rngs={'dropout': key}` when `deterministic=False`.
 
     Input checks (`layers.input_checks`): a concrete call raises a ValueError for token ids
     outside [0, vocab_size) (negative ids are not wrapped), for a mask that is not 0/1 or
@@ -164,12 +173,18 @@ class MegalodonLM(nn.Module):
         *,
         cache: ModelCache | None = None,
         attention_mask: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
         deterministic: bool = True,
         return_cache: bool = False,
     ) -> tuple[jax.Array, ModelCache | None]:
         cfg = self.config
         tokens = input_checks.check_token_array(tokens)
         input_checks.check_token_range(tokens, cfg.vocab_size)
+        segments = None
+        if segment_ids is not None:
+            segments = _packed_segments(cfg, segment_ids, tokens.shape, attention_mask, cache)
+            if return_cache:
+                raise ValueError("segment_ids cannot be combined with return_cache")
         if attention_mask is not None and (cache is not None or return_cache):
             raise ValueError(
                 "attention_mask cannot be combined with a cache (streaming calls "
@@ -182,7 +197,7 @@ class MegalodonLM(nn.Module):
             check_cache(cfg, cache, tokens.shape[0])
         _reject_float16(self.variables)
         model = MegalodonModel(cfg, name="model")
-        hidden, cache = model(tokens, cache, mask, deterministic, return_cache)
+        hidden, cache = model(tokens, cache, mask, segments, deterministic, return_cache)
         if cfg.tied:
             logits = model.embedding_logits(hidden)
         else:
@@ -284,6 +299,28 @@ def check_cache(config: MegalodonConfig, cache: object, batch_size: int) -> None
         cache = cache.replace(layers=tuple(layers))  # a list of layers works in the model too
         shapes = _CACHE_SHAPES
     input_checks.check_cache_leaves(cache, expected, shapes, _CACHE_ADVICE)
+
+
+def _packed_segments(
+    config: MegalodonConfig,
+    segment_ids: jax.Array,
+    shape: tuple[int, ...],
+    attention_mask: jax.Array | None,
+    cache: ModelCache | None,
+) -> Segments:
+    """The run layout of checked segment ids; raises for what packed rows cannot take."""
+    if attention_mask is not None or cache is not None:
+        raise ValueError(
+            "segment_ids cannot be combined with attention_mask (segment 0 is the padding) "
+            "or a cache (packed rows start fresh)"
+        )
+    if config.timestep_norm_variant != "upstream":
+        raise ValueError("segment_ids need timestep_norm_variant='upstream'")
+    if context_parallel.active_split(*shape) is not None:
+        raise NotImplementedError(
+            "packed rows (segment_ids) cannot be split over a context mesh axis yet"
+        )
+    return segments_from_ids(check_segment_ids(segment_ids, shape))
 
 
 def _reject_float16(variables) -> None:

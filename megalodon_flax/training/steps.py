@@ -86,7 +86,9 @@ def train_step(
 
     Args:
         state: The train state.
-        batch: `inputs`, `targets` int32 `(A, B, L)` and `weights` float32 `(A, B, L)`.
+        batch: `inputs`, `targets` int32 `(A, B, L)` and `weights` float32 `(A, B, L)`, and
+            for packed rows `segment_ids` int32 `(A, B, L)` of the inputs (the weights then
+            drop padding targets and the pairs that straddle two runs).
         model: The language model.
         learning_rate_fn: The schedule (for the logged learning rate).
         dropout: Run the model in training mode with dropout.
@@ -105,6 +107,7 @@ def train_step(
         logits, _ = model.apply(
             {"params": params},
             micro["inputs"],
+            segment_ids=micro.get("segment_ids"),
             deterministic=not dropout,
             rngs={"dropout": rng} if dropout else None,
         )
@@ -183,8 +186,14 @@ def _all_finite(tree: Any) -> jax.Array:
 def eval_step(
     params: Any, batch: Batch, *, model: families.LanguageModel
 ) -> metrics_lib.EvalMetrics:
-    """Per-token losses of one evaluation batch (`(B, L)` arrays; weight 0 = padding)."""
-    logits, _ = model.apply({"params": params}, batch["inputs"], deterministic=True)
+    """Per-token losses of one evaluation batch (`(B, L)` arrays; weight 0 = padding;
+    `segment_ids` for packed rows)."""
+    logits, _ = model.apply(
+        {"params": params},
+        batch["inputs"],
+        segment_ids=batch.get("segment_ids"),
+        deterministic=True,
+    )
     _, _, per_token = metrics_lib.weighted_loss_sum(logits, batch["targets"], batch["weights"])
     return metrics_lib.EvalMetrics.single_from_model_output(
         loss=per_token, token_mask=batch["weights"] > 0
