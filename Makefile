@@ -13,6 +13,10 @@ COMPARE_ARGS ?= --config.num_train_steps=400 --config.batch_size=8 \
 	--config.schedule.warmup_steps=40 --config.eval.every_steps=100 --config.eval.num_batches=16 \
 	--config.checkpoint.every_steps=200 --config.sampling.every_steps=400 --config.profile.num_steps=0
 
+# The same Megalodon trained on 4,096-byte sequences: as many bytes per step (1 × 4,096) and
+# validation on as many bytes (16 batches of 2 × 4,096).
+LONG_ARGS ?= --config.seq_len=4096 --config.batch_size=1 --config.eval.batch_size=2
+
 .PHONY: install train test bench lint compare
 
 $(VENV)/.installed: requirements.txt pyproject.toml
@@ -37,5 +41,11 @@ bench: install
 compare: install
 	$(PY) main.py --config=configs/megalodon.py --workdir=runs/megalodon $(COMPARE_ARGS)
 	$(PY) main.py --config=configs/llama.py --workdir=runs/llama $(COMPARE_ARGS)
-	$(PY) -m megalodon_flax.cli.compare --workdirs=runs/megalodon,runs/llama --out=RESULTS.md \
-		--plots_dir=results/plots --intro=results/intro.md
+	$(PY) main.py --config=configs/megalodon.py --workdir=runs/megalodon_4096 $(COMPARE_ARGS) \
+		$(LONG_ARGS)
+	$(PY) -m megalodon_flax.cli.evaluate --workdir=runs/megalodon \
+		--also=runs/megalodon_4096,runs/llama --mode=context --split=test \
+		--out_dir=results/context_curve
+	$(PY) -m megalodon_flax.cli.compare --workdirs=runs/megalodon,runs/llama,runs/megalodon_4096 \
+		--out=RESULTS.md --plots_dir=results/plots --intro=results/intro.md \
+		--appendix=results/long_context.md,results/context_curve/context_curve.md

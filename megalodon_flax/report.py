@@ -304,9 +304,10 @@ def render_markdown(
     plots: Mapping[str, str | os.PathLike],
     title: str = DEFAULT_TITLE,
     intro: str | None = None,
+    appendix: Sequence[str] = (),
 ) -> str:
     """The report's Markdown; image links are relative to `out_dir`; `intro` (Markdown) goes
-    under the title."""
+    under the title and each `appendix` text (Markdown) at the end, in order."""
     parts = (
         [f"# {title}"]
         + ([intro.strip()] if intro else [])
@@ -333,6 +334,7 @@ def render_markdown(
             parts += [f"### {run.name}", "_No sample logged._"]
         else:
             parts += [f"### {run.name} (step {sample[0]})", fenced_block(sample[1])]
+    parts += [text.strip() for text in appendix if text.strip()]
     return "\n\n".join(parts) + "\n"
 
 
@@ -342,6 +344,7 @@ def write_report(
     plots_dir: str | os.PathLike | None = None,
     title: str = DEFAULT_TITLE,
     intro: str | None = None,
+    appendix: Sequence[str] = (),
 ) -> Path:
     """Writes the plots and the Markdown report; returns the report's path.
 
@@ -351,11 +354,13 @@ def write_report(
         plots_dir: Folder of the PNG plots; default: `plots/` next to `out_path`.
         title: The report's heading.
         intro: Markdown placed under the heading (how the runs were made, caveats).
+        appendix: Markdown texts placed at the end, in order.
     """
     if not runs:
         raise ValueError("no runs to compare")
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     plots = write_plots(runs, out.parent / "plots" if plots_dir is None else Path(plots_dir))
-    out.write_text(render_markdown(runs, out.parent, plots, title, intro), encoding="utf-8")
+    text = render_markdown(runs, out.parent, plots, title, intro, appendix)
+    out.write_text(text, encoding="utf-8")
     return out

@@ -175,6 +175,12 @@ def define_compare_flags(fv: flags.FlagValues = FLAGS) -> None:
     flags.DEFINE_list(
         "names", None, "Run labels, comma-separated (default: workdir names).", flag_values=fv
     )
+    flags.DEFINE_list(
+        "appendix",
+        [],
+        "Markdown files appended to the report in order (e.g. a context curve), comma-separated.",
+        flag_values=fv,
+    )
     flags.mark_flags_as_required(["workdirs", "out"], flag_values=fv)
     common.check_flag("workdirs", _workdirs_problem, fv)
     common.check_flag("out", lambda p: common.output_path_problem(p, make_folders=True), fv)
@@ -184,7 +190,16 @@ def define_compare_flags(fv: flags.FlagValues = FLAGS) -> None:
         fv,
     )
     common.check_flag("intro", common.readable_file_problem, fv)
+    common.check_flag("appendix", _appendix_problem, fv)
     common.check_flags(["names", "workdirs"], _names_problem, fv)
+
+
+def _appendix_problem(paths: list[str]) -> str | None:
+    for path in paths:
+        problem = common.readable_file_problem(path)
+        if problem:
+            return problem
+    return None
 
 
 def _streams_problem(values: dict) -> str | None:

@@ -63,6 +63,11 @@ def chunked_attention(
     return out.reshape((batch, num_chunks * chunk_size, *out.shape[3:]))[:, :length]
 
 
+# Query blocks per chunk in packed attention: each block of C/4 queries attends over the
+# C + C/4 keys before its end that it can reach (1.25× the unpacked scores, not 2×).
+PACKED_QUERY_BLOCKS = 4
+
+
 def packed_chunked_attention(
     q: jax.Array,
     k: jax.Array,
@@ -75,8 +80,9 @@ def packed_chunked_attention(
     """Chunked attention over packed rows: each run has its own chunk grid from its start.
 
     A query at run position ℓ sees the keys of its run at positions ℓ' ≤ ℓ with
-    floor(ℓ'/C) = floor(ℓ/C), all within the previous C − 1 row positions, so the queries of
-    row chunk g attend over row chunks g − 1 and g (a band of 2C keys); padding keys
+    floor(ℓ'/C) = floor(ℓ/C), all within the previous C − 1 row positions. The row is cut
+    into blocks of S = C / `PACKED_QUERY_BLOCKS` queries (S = C when that does not divide C),
+    and each block attends over the C / S blocks before it and itself, masked; padding keys
     (segment 0) are never seen and padding queries output zeros.
 
     Args:
@@ -88,35 +94,36 @@ def packed_chunked_attention(
       (B, L, H, Dv) in compute_dtype.
     """
     batch, length = q.shape[:2]
-    c = chunk_size
-    num_chunks = -(-length // c)
-    pad = num_chunks * c - length
+    parts = PACKED_QUERY_BLOCKS if chunk_size % PACKED_QUERY_BLOCKS == 0 else 1
+    size = chunk_size // parts
+    num_blocks = -(-length // size)
+    pad = num_blocks * size - length
 
-    def chunks(a: jax.Array, fill=0) -> jax.Array:
+    def blocks(a: jax.Array, fill=0) -> jax.Array:  # (B, L, ·) → (B, n, S, ·)
         a = jnp.pad(a, ((0, 0), (0, pad)) + ((0, 0),) * (a.ndim - 2), constant_values=fill)
-        return a.reshape((batch, num_chunks, c, *a.shape[2:]))
+        return a.reshape((batch, num_blocks, size, *a.shape[2:]))
 
-    def band(a: jax.Array, fill=0) -> jax.Array:  # (B, n, C, ·) → (B, n, 2C, ·)
-        before = jnp.pad(a, ((0, 0), (1, 0)) + ((0, 0),) * (a.ndim - 2), constant_values=fill)
-        return jnp.concatenate([before[:, :-1], a], axis=2)
+    def band(a: jax.Array, fill=0) -> jax.Array:  # (B, n, S, ·) → (B, n, (parts + 1)·S, ·)
+        widths = ((0, 0), (parts, 0)) + ((0, 0),) * (a.ndim - 2)
+        before = jnp.pad(a, widths, constant_values=fill)
+        return jnp.concatenate([before[:, j : j + num_blocks] for j in range(parts + 1)], axis=2)
 
-    run = chunks(segments.run_start, -1)  # padding after L: a run of its own
-    local_chunk = chunks(segments.position // c)
-    valid = chunks(segments.valid)
-    index = chunks(jnp.arange(length, dtype=jnp.int32)[None].repeat(batch, 0), length)
-    same = band(run, -2)[:, :, None, :] == run[..., None]
+    run = blocks(segments.run_start, -1)  # padding after L: a run of its own
+    local_chunk = blocks(segments.position // chunk_size)
+    valid = blocks(segments.valid)
+    index = blocks(jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length)), length)
     allowed = (
-        same
+        (band(run, -2)[:, :, None, :] == run[..., None])
         & (band(local_chunk)[:, :, None, :] == local_chunk[..., None])
         & (band(index)[:, :, None, :] <= index[..., None])
         & band(valid)[:, :, None, :]
         & valid[..., None]
-    )  # (B, n, C, 2C)
-    keys, values = band(chunks(k)), band(chunks(v))
+    )  # (B, n, S, (parts + 1)·S)
+    keys, values = band(blocks(k)), band(blocks(v))
     out = masked_attention(
-        chunks(q), keys, values, allowed[:, :, None], compute_dtype, prob_dropout
+        blocks(q), keys, values, allowed[:, :, None], compute_dtype, prob_dropout
     )
-    return out.reshape((batch, num_chunks * c, *out.shape[3:]))[:, :length]
+    return out.reshape((batch, num_blocks * size, *out.shape[3:]))[:, :length]
 
 
 def resolve_attention_impl(impl: str) -> str:

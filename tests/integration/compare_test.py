@@ -221,6 +221,9 @@ def test_cli_subprocess_with_names_title_and_plots_dir(workdirs, tmp_path) -> No
     out = tmp_path / "reports" / "out.md"
     intro = tmp_path / "intro.md"
     intro.write_text("Two *tiny* runs.\n")
+    appendix = [tmp_path / "a.md", tmp_path / "b.md"]
+    appendix[0].write_text("## Long context\n\nFirst.\n")
+    appendix[1].write_text("| x |\n| --- |\n| 1 |\n")
     proc = _compare_cli(
         f"--workdirs={workdirs['seed1']},{workdirs['sparse']}",
         "--names=A,B",
@@ -228,10 +231,13 @@ def test_cli_subprocess_with_names_title_and_plots_dir(workdirs, tmp_path) -> No
         f"--plots_dir={tmp_path / 'figs'}",
         "--title=Tiny runs",
         f"--intro={intro}",
+        f"--appendix={appendix[0]},{appendix[1]}",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = out.read_text()
     assert text.startswith("# Tiny runs\n\nTwo *tiny* runs.\n\n## Setup\n")
+    assert text.endswith("\n\n## Long context\n\nFirst.\n\n| x |\n| --- |\n| 1 |\n")
+    assert text.index("## Samples") < text.index("## Long context")
     assert [r["run"] for r in helpers.markdown_tables(text)["Summary"]] == ["A", "B"]
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
     assert links == ["../figs/loss_curves.png", "../figs/bits_per_byte.png"]

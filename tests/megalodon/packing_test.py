@@ -91,24 +91,25 @@ def test_timestep_norm_restarts_at_every_run_start():
         np.testing.assert_allclose(y[b, start:end], expected[0], rtol=1e-5, atol=1e-5)
 
 
-def test_attention_and_rope_stay_inside_each_run_and_its_chunk_grid():
+@pytest.mark.parametrize("chunk", [CHUNK, 6])  # query blocks of C/4, or whole chunks
+def test_attention_and_rope_stay_inside_each_run_and_its_chunk_grid(chunk):
     heads, width = 2, 8
     rng = np.random.default_rng(6)
     q, k, v = (rng.normal(size=(2, L, heads, width)).astype(np.float32) for _ in range(3))
     seg = segments_from_ids(jnp.asarray(IDS))
     freqs = rope_frequencies(width, 10_000.0)
-    positions = seg.position % CHUNK
+    positions = seg.position % chunk
     q_rot = apply_rope(jnp.asarray(q), positions, freqs)
     k_rot = apply_rope(jnp.asarray(k), positions, freqs)
-    out = np.asarray(packed_chunked_attention(q_rot, k_rot, jnp.asarray(v), CHUNK, seg))
+    out = np.asarray(packed_chunked_attention(q_rot, k_rot, jnp.asarray(v), chunk, seg))
     np.testing.assert_array_equal(out[IDS == 0], 0.0)
     freqs64 = np.asarray(freqs)
     for b, start, end in DOCS:
-        local = np.arange(end - start) % CHUNK
+        local = np.arange(end - start) % chunk
         q_doc = attention_reference.rope(q[b : b + 1, start:end], local, freqs64, "adjacent")
         k_doc = attention_reference.rope(k[b : b + 1, start:end], local, freqs64, "adjacent")
         expected = attention_reference.dense_chunked_attention(
-            q_doc, k_doc, v[b : b + 1, start:end], CHUNK
+            q_doc, k_doc, v[b : b + 1, start:end], chunk
         )
         np.testing.assert_allclose(out[b, start:end], expected[0], rtol=1e-5, atol=1e-5)
 

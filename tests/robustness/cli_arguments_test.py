@@ -139,6 +139,7 @@ COMPARE_BAD = [
     (["--workdirs={run}", "--out={tmp}/r.md", "--names=a,b"], "2 --names for 1 --workdirs"),
     (["--workdirs={run},{empty}", "--out={tmp}/r.md", "--names=a,a"], "--names must differ"),
     (["--workdirs={run}", "--out={tmp}/r.md", "--intro={absent}.md"], "does not exist"),
+    (["--workdirs={run}", "--out={tmp}/r.md", "--appendix={absent}.md"], "does not exist"),
     (["--workdirs={run}", "--out={tmp}/r.md", "--plots_dir={file}"], "is not a directory"),
 ]
 BAD = (
