@@ -18,7 +18,7 @@ from megalodon_flax.layers.rotary import apply_rope, rope_frequencies
 from megalodon_flax.layers.segments import Segments
 from megalodon_flax.megalodon import context_parallel
 from megalodon_flax.megalodon.cache import AttentionCache, LayerCache, advanced_position
-from megalodon_flax.megalodon.cema import CEMA
+from megalodon_flax.megalodon.cema_layer import CEMA
 from megalodon_flax.megalodon.chunked_attention import (
     KEY_RING,
     VALUE_RING,

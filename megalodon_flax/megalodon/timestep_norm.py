@@ -115,6 +115,20 @@ SUMMARY_BLOCK = 128
 OPAQUE_MASK_FROM = 1 << 14
 
 
+def _to_blocks(a: jax.Array, size: int) -> jax.Array:
+    """(B, L, G) → (nb, B, S, G): L zero-padded to blocks of `size` timesteps."""
+    batch, length, groups = a.shape
+    blocks = -(-length // size)
+    a = jnp.pad(a, ((0, 0), (0, blocks * size - length), (0, 0)))
+    return a.reshape(batch, blocks, size, groups).transpose(1, 0, 2, 3)
+
+
+def _from_blocks(a: jax.Array, length: int) -> jax.Array:
+    """(nb, B, S, G) → (B, L, G), the padding dropped."""
+    blocks, batch, size, groups = a.shape
+    return a.transpose(1, 0, 2, 3).reshape(batch, blocks * size, groups)[:, :length]
+
+
 def _running_summaries(
     elems: tuple[jax.Array, jax.Array, jax.Array],
     incoming: tuple[jax.Array, jax.Array, jax.Array],
@@ -134,17 +148,8 @@ def _running_summaries(
     block mean, giving mean = block mean + S/N and M2 = Q − S²/N. Block totals are merged
     into the carried summary with Chan's formula in a loop over the L/SUMMARY_BLOCK blocks.
     """
-    n, mu, m2 = elems
-    batch, length, groups = n.shape
-    size = min(SUMMARY_BLOCK, length)
-    blocks = -(-length // size)
-    pad = blocks * size - length
-
-    def split(a: jax.Array) -> jax.Array:  # (B, L, G) → (nb, B, S, G)
-        a = jnp.pad(a, ((0, 0), (0, pad), (0, 0)))
-        return a.reshape(batch, blocks, size, groups).transpose(1, 0, 2, 3)
-
-    n, mu, m2 = split(n), split(mu), split(m2)
+    length = elems[0].shape[1]
+    n, mu, m2 = (_to_blocks(a, min(SUMMARY_BLOCK, length)) for a in elems)
     count = jnp.sum(n, axis=2, keepdims=True)
     center = jnp.sum(n * mu, axis=2, keepdims=True) / jnp.where(count > 0, count, 1.0)
     d = jnp.where(n > 0, mu - center, 0.0)
@@ -163,11 +168,8 @@ def _running_summaries(
     before = tuple(a[:, :, None] for a in before)
     n_tot, mean, m2_tot = _chan_merge(before, local)
 
-    def join(a: jax.Array) -> jax.Array:  # (nb, B, S, G) → (B, L, G)
-        return a.transpose(1, 0, 2, 3).reshape(batch, blocks * size, groups)[:, :length]
-
-    n_call = join(local[0] + (jnp.cumsum(count, axis=0) - count))
-    return join(n_tot), join(mean), join(m2_tot), n_call
+    n_call = _from_blocks(local[0] + (jnp.cumsum(count, axis=0) - count), length)
+    return (*(_from_blocks(a, length) for a in (n_tot, mean, m2_tot)), n_call)
 
 
 def _anchored_statistics(
@@ -254,21 +256,14 @@ def _packed_statistics(
     reset = jnp.broadcast_to(segments.starts[..., None], blk_mean.shape)
     elems = (reset, n, jnp.where(v, blk_mean, 0.0), jnp.where(v, blk_var, 0.0))
 
-    size = min(SUMMARY_BLOCK, length)
-    blocks = -(-length // size)
-    pad = blocks * size - length
-
-    def split(a: jax.Array) -> jax.Array:  # (B, L, G) → (nb, B, S, G)
-        a = jnp.pad(a, ((0, 0), (0, pad), (0, 0)))
-        return a.reshape(batch, blocks, size, num_groups).transpose(1, 0, 2, 3)
-
     def running(carry, step_elems):
         merged = _segmented_merge(carry, step_elems)
         return merged, merged
 
     # A loop over the timesteps of a block, all blocks at once: `lax.associative_scan` here
     # compiled for 14 s per TimestepNorm on CPU.
-    by_step = tuple(jnp.moveaxis(split(a), 2, 0) for a in elems)  # (S, nb, B, G)
+    size = min(SUMMARY_BLOCK, length)
+    by_step = tuple(jnp.moveaxis(_to_blocks(a, size), 2, 0) for a in elems)  # (S, nb, B, G)
     start = tuple(jnp.zeros(a.shape[1:], a.dtype) for a in by_step)
     _, local = jax.lax.scan(running, start, by_step)
     local = tuple(jnp.moveaxis(a, 0, 2) for a in local)  # (nb, B, S, G)
@@ -283,10 +278,7 @@ def _packed_statistics(
     before = tuple(a[:, :, None] for a in before)
     _, count, mean, m2 = _segmented_merge(before, local)
 
-    def join(a: jax.Array) -> jax.Array:  # (nb, B, S, G) → (B, L, G)
-        return a.transpose(1, 0, 2, 3).reshape(batch, blocks * size, num_groups)[:, :length]
-
-    count, mean, m2 = join(count), join(mean), join(m2)
+    count, mean, m2 = (_from_blocks(a, length) for a in (count, mean, m2))
     var = jnp.where(count > 0, m2 / jnp.where(count > 0, count, 1.0), 1.0)
     return xg, mean, var
 

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from megalodon_flax.megalodon import cema
+from megalodon_flax.megalodon import cema, cema_layer
 from tests.reference import cema as reference
 
 pytestmark = pytest.mark.usefixtures("highest_precision")
@@ -266,7 +266,9 @@ def _module_params(seed: int) -> dict[str, jax.Array]:
 def _apply_module(
     params: dict[str, jax.Array], x: jax.Array, mask: jax.Array | None, path: str
 ) -> tuple[jax.Array, jax.Array]:
-    return cema.CEMA(ndim=N).apply({"params": params}, x, mask=mask, path=path, return_state=True)
+    return cema_layer.CEMA(ndim=N).apply(
+        {"params": params}, x, mask=mask, path=path, return_state=True
+    )
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -403,7 +405,7 @@ def test_stability_gradients_finite() -> None:
 
 def test_module_parameters_and_init_statistics() -> None:
     dim, ndim = 512, 16
-    init = jax.jit(cema.CEMA(ndim=ndim).init)
+    init = jax.jit(cema_layer.CEMA(ndim=ndim).init)
     x = jnp.zeros((1, 3, dim), jnp.float32)
     variables = nn.unbox(init(jax.random.key(0), x))
     params = variables["params"]
