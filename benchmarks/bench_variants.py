@@ -1,8 +1,9 @@
 """How our model's execution options trade time for memory: remat policies, attention kernels,
 scanned vs unrolled layers.
 
-Sections (each a table and a JSON list; variants of one case are timed alternately):
-  remat:     train step (fwd + bwd + AdamW, fp32) at batch 1 × 512 and 1 × 8,192 tokens for
+Sections (each a table and a JSON list; variants of one case are timed alternately; compute
+dtype `--dtype`, float32 by default):
+  remat:     train step (fwd + bwd + AdamW) at batch 1 × 512 and 1 × 8,192 tokens for
              every `remat_policy`: median/min/max ms and XLA's compiled memory (temporaries
              and the peak estimate temp + arguments + outputs − aliases).
   attention: `attention_impl` "xla" vs "dot_product": the train step at 4 × 512 and the
@@ -84,7 +85,7 @@ def measure(
 def render(results: dict[str, Any]) -> str:
     out = []
     for section, title in (
-        ("remat", "Remat policies: train step (fp32)"),
+        ("remat", "Remat policies: train step"),
         ("attention", "Attention kernels"),
         ("layers", "Scanned vs unrolled layers"),
     ):
@@ -120,6 +121,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train-batch", type=int, default=4, help="batch of the 512-token steps")
     p.add_argument("--forward-length", type=int, default=32768)
     p.add_argument("--sections", type=common.str_list, default=["remat", "attention", "layers"])
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="compute dtype (cuDNN's fused attention needs bfloat16)",
+    )
     p.add_argument("--out", default=DEFAULT_OUT, help=f"JSON output (default {DEFAULT_OUT})")
     args = p.parse_args(argv)
     if args.quick:
@@ -140,7 +147,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     def log(msg: str) -> None:
         print(f"[{time.perf_counter() - start:7.1f}s] {msg}", flush=True)
 
-    cfg = mf.enwik8_config()
+    cfg = mf.enwik8_config(compute_dtype=args.dtype)
     base = OursModel(cfg)
     results: dict[str, Any] = {
         "machine": common.machine_info(),

@@ -7,8 +7,8 @@ Sections (ours and megalodon-jax alternating repeat by repeat, medians with min-
             dense bf16 FLOP/s), and `--steps` consecutive steps timed as one run
             (the target: 1,200 steps in under 20 s plus compile).
   forward:  batch-1 forwards at 32K and 128K tokens.
-  scaling:  our batch-1 forward at doubling lengths up to 1M tokens: ms per 1K tokens (flat
-            means linear in length).
+  scaling:  our batch-1 forward at longer lengths up to 1M tokens: ms per 1K tokens (flat
+            across the forward and scaling rows means linear in length).
   generate: greedy generation of `--new-tokens` tokens after a 512-token prompt.
 
 On a CPU (no accelerator, or `--small`) every size shrinks so that the same code runs in a
@@ -16,11 +16,14 @@ couple of minutes: the smoke test of this script.
 
   python -m benchmarks.gpu_check                 # sizes by backend
   python -m benchmarks.gpu_check --small --out /tmp/gpu_check.json
+  python -m benchmarks.gpu_check --sections train --trace /tmp/trace   # + a profiler trace
+  python -m benchmarks.gpu_check --sections forward --append           # add to the JSON
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -48,7 +51,7 @@ FULL = {
     "train_seq": 512,
     "steps": 200,
     "lengths": [32768, 131072],
-    "scaling": [32768, 131072, 524288, 1048576],
+    "scaling": [262144, 524288, 1048576],
     "prompt": 512,
     "new_tokens": 256,
     "repeats": 5,
@@ -85,7 +88,21 @@ def step_flops(compiled: Any) -> float | None:
     return float(flops) if flops else None
 
 
-def train_section(models: dict[str, Any], sizes: dict[str, Any], log: Callable) -> list[dict]:
+SECTIONS = ("train", "forward", "scaling", "generate")
+
+
+def trace_steps(runner: TrainRunner, steps: int, trace_dir: str) -> None:
+    """Records `steps` train steps with the JAX profiler (a Perfetto trace under trace_dir)."""
+    import jax.profiler
+
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+        for _ in range(steps):
+            runner.run()
+
+
+def train_section(
+    models: dict[str, Any], sizes: dict[str, Any], log: Callable, trace_dir: str | None = None
+) -> list[dict]:
     batch, seq = sizes["train_batch"], sizes["train_seq"]
     tokens = common.random_tokens(batch, seq, 256, 1)
     runners: dict[str, TrainRunner] = {}
@@ -116,6 +133,12 @@ def train_section(models: dict[str, Any], sizes: dict[str, Any], log: Callable) 
             rec["consecutive_steps"] = sizes["steps"]
             rec["consecutive_s"] = round(elapsed, 3)
             rec["projected_1200_steps_s"] = round(elapsed * 1200 / sizes["steps"], 2)
+            if trace_dir and case.name == common.OURS:
+                try:
+                    trace_steps(runner, 3, trace_dir)
+                    rec["trace_dir"] = trace_dir
+                except Exception as exc:  # a profiler failure must not lose the timings
+                    rec["trace_error"] = common.error_record(exc)
         records.append(rec)
         log(f"  {case.name}: {rec.get('median_ms')} ms/step, MFU {rec.get('mfu')}")
     return records
@@ -153,17 +176,23 @@ def generate_section(
     new = sizes["new_tokens"]
     gens: list[Any] = [OursGen(cfg)] + ([PeerGen(cfg)] if with_peer else [])
     cases = []
+    first_call_s = {}
+    log(f"generate {new} tokens after {sizes['prompt']} ...")
     for gen in gens:
 
         def run(gen: Any = gen) -> None:
             common.block(gen.generate(prompt, new, key))
 
+        start = time.perf_counter()  # the first call compiles: logged apart, so a timeout
+        run()  # shows which model it stopped in
+        first_call_s[gen.name] = round(time.perf_counter() - start, 2)
+        log(f"  {gen.name}: first call (compiles) {first_call_s[gen.name]} s")
         cases.append(common.Case(gen.name, dict, run))
-    log(f"generate {new} tokens after {sizes['prompt']} ...")
-    common.measure_interleaved(cases, sizes["repeats"], 1)
+    common.measure_interleaved(cases, sizes["repeats"], 0)
     records = []
     for case in cases:
         rec = common.case_record(case, prompt=sizes["prompt"], new_tokens=new)
+        rec["first_call_s"] = first_call_s[case.name]
         if rec.get("median_ms"):
             rec["tokens_per_s"] = round(new / (rec["median_ms"] / 1e3), 1)
         records.append(rec)
@@ -217,7 +246,23 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--small", action="store_true", help="CPU sizes (default on a CPU backend)")
     p.add_argument("--skip-peer", action="store_true")
     p.add_argument("--out", default=DEFAULT_OUT, help=f"JSON output (default {DEFAULT_OUT})")
-    return p.parse_args(argv)
+    p.add_argument(
+        "--sections",
+        type=common.str_list,
+        default=list(SECTIONS),
+        help=f"comma-separated subset of {','.join(SECTIONS)} (default: all)",
+    )
+    p.add_argument(
+        "--append",
+        action="store_true",
+        help="keep the other sections of an existing --out file (one process per section)",
+    )
+    p.add_argument("--trace", default=None, help="profile 3 of our train steps into this folder")
+    args = p.parse_args(argv)
+    unknown = sorted(set(args.sections) - set(SECTIONS))
+    if unknown:
+        p.error(f"unknown sections {unknown}; choose from {','.join(SECTIONS)}")
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -230,7 +275,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     small = args.small or common.on_cpu()
     sizes = SMALL if small else FULL
     kind, peak = peak_flops()
-    results: dict[str, Any] = {
+    results: dict[str, Any] = {}
+    if args.append and os.path.exists(args.out):
+        with open(args.out, encoding="utf-8") as fh:
+            results = json.load(fh)
+    results |= {
         "machine": common.machine_info(),
         "device": kind,
         "backend": jax.default_backend(),
@@ -245,7 +294,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     results["peer"] = common.package_version("megalodon-jax") if with_peer else None
     log(f"device {kind}, backend {results['backend']}, peer {results['peer']}")
     sections: list[tuple[str, Callable[[], list[dict]]]] = [
-        ("train", lambda: train_section(models, sizes, log)),
+        ("train", lambda: train_section(models, sizes, log, args.trace)),
         ("forward", lambda: forward_section(models, sizes["lengths"], sizes["repeats"], log)),
         (
             "scaling",
@@ -256,13 +305,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         ("generate", lambda: generate_section(cfg, with_peer, sizes, log)),
     ]
     for name, run in sections:
+        if name not in args.sections:
+            continue
+        section_start = time.perf_counter()
         try:
             results[name] = run()
         except Exception as exc:  # one failing section must not lose the others
             results[name] = [{"model": "-", **common.error_record(exc)}]
             log(f"{name} failed: {exc}")
+        seconds = round(time.perf_counter() - section_start, 1)
+        results.setdefault("section_s", {})[name] = seconds
         common.write_json(args.out, results)
-    results["elapsed_s"] = round(time.perf_counter() - start, 1)
+    results["elapsed_s"] = round(sum(results.get("section_s", {}).values()), 1)
     common.write_json(args.out, results)
     print()
     print(render(results))

@@ -46,8 +46,8 @@ class MegalodonConfig(MappingConfig):
         10-20 % slower (benchmarks/RESULTS.md, "Execution options").
       attention_impl: chunk-local attention kernel: "xla" (the masked softmax of
         `layers.attention`), "dot_product" (`jax.nn.dot_product_attention` with chunks
-        folded into the batch: cuDNN on NVIDIA GPUs, XLA elsewhere) or "auto" (the faster
-        one measured for the platform: dot_product on GPU, xla on CPU).
+        folded into the batch: cuDNN's fused attention on NVIDIA GPUs in bfloat16, XLA
+        elsewhere) or "auto" (the faster one measured: xla on CPU and on an H200).
       mask_cema_inputs: zero masked inputs before the CEMA recurrence (megalodon-hf feeds
         padded positions through it: False).
       embedding_dropout: apply `dropout` to the embeddings (megalodon-hf does not: False).

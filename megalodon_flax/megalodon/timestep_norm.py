@@ -188,10 +188,11 @@ def _anchored_statistics(
     xg = x.astype(jnp.float32).reshape(batch, length, num_groups, dim // num_groups)
     if mask is None:
         valid = jnp.ones((batch, length), bool)
-        if length >= OPAQUE_MASK_FROM:
+        if length >= OPAQUE_MASK_FROM or jax.default_backend() != "cpu":
             # XLA's constant folding evaluates the prefix counts of an all-valid mask element
-            # by element: 0.4 s of the 32K forward's compile on CPU. Below this length folding
-            # costs less and what it simplifies saves 0.2 s (measured at 512).
+            # by element: 0.4 s of the 32K forward's compile on CPU, and on an H200 4.7 s of
+            # the 16 × 512 train step's (XLA's slow-folding alarms). Only on CPU below this
+            # length does folding cost less than what it simplifies saves (0.2 s at 512).
             valid = jax.lax.optimization_barrier(valid)
     else:
         valid = mask.astype(bool)

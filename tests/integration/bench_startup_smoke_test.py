@@ -89,8 +89,16 @@ def test_gpu_check_runs_on_cpu_at_small_sizes(tmp_path: Path, monkeypatch) -> No
     tiny = dict(gpu_check.SMALL, train_seq=64, lengths=[128], scaling=[64, 128], steps=2)
     monkeypatch.setattr(gpu_check, "SMALL", dict(tiny, new_tokens=4, prompt=8, repeats=1))
     out = tmp_path / "gpu.json"
-    data = gpu_check.main(["--skip-peer", "--out", str(out)])
-    assert json.loads(out.read_text())["sizes"] == data["sizes"]
+    first = gpu_check.main(["--skip-peer", "--out", str(out), "--sections", "generate"])
+    assert set(first["section_s"]) == {"generate"} and "train" not in first
+    # One process per section (what a run with a time limit per section does): --append
+    # keeps the sections already in the file.
+    data = gpu_check.main(
+        ["--skip-peer", "--out", str(out), "--append", "--sections", "train,forward,scaling"]
+    )
+    assert json.loads(out.read_text()) == json.loads(json.dumps(data, default=str))
+    assert set(data["section_s"]) == set(gpu_check.SECTIONS)
+    assert data["generate"] == first["generate"]
     (train,) = data["train"]
     assert "error" not in train, train
     tokens = train["batch"] * train["seq"]
@@ -105,6 +113,15 @@ def test_gpu_check_runs_on_cpu_at_small_sizes(tmp_path: Path, monkeypatch) -> No
     (gen,) = data["generate"]
     # Rates are rounded to 0.1 token/s, times to 1 µs.
     assert gen["tokens_per_s"] == pytest.approx(4 / (gen["median_ms"] / 1e3), abs=0.06)
+    assert gen["first_call_s"] > 0
+
+
+def test_gpu_check_refuses_unknown_sections(capsys) -> None:
+    from benchmarks import gpu_check
+
+    with pytest.raises(SystemExit):
+        gpu_check.parse_args(["--sections", "train,decode"])
+    assert "unknown sections ['decode']" in capsys.readouterr().err
 
 
 @pytest.mark.slow

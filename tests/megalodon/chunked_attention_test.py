@@ -340,10 +340,21 @@ def test_dot_product_kernel_matches_dense_oracle_and_xla(dh, dv, valid) -> None:
     assert any(float(jnp.max(jnp.abs(g))) > 0.1 for g in grads)
 
 
-def test_auto_kernel_is_xla_on_cpu_and_unknown_names_fail() -> None:
+def test_auto_kernel_is_xla_and_unknown_names_fail() -> None:
     from megalodon_flax.megalodon.chunked_attention import resolve_attention_impl
 
-    want = "dot_product" if jax.default_backend() == "gpu" else "xla"
-    assert resolve_attention_impl("auto") == want
+    assert resolve_attention_impl("auto") == "xla"
+    assert resolve_attention_impl("dot_product") == "dot_product"
     with pytest.raises(ValueError, match="attention_impl"):
         resolve_attention_impl("flash")
+
+
+def test_dot_product_kernel_asks_for_cudnn_only_on_gpu_in_bfloat16(monkeypatch) -> None:
+    """JAX's own default (None) is its unfused XLA attention even on a GPU, so cuDNN must be
+    named; it supports neither float32 nor a CPU."""
+    from megalodon_flax.megalodon import chunked_attention
+
+    assert chunked_attention.fused_attention_implementation(jnp.bfloat16) is None  # CPU
+    monkeypatch.setattr(chunked_attention.jax, "default_backend", lambda: "gpu")
+    assert chunked_attention.fused_attention_implementation(jnp.bfloat16) == "cudnn"
+    assert chunked_attention.fused_attention_implementation(jnp.float32) is None
