@@ -110,9 +110,12 @@ class PositionLosses:
 
 
 def cut_streams(data: np.ndarray, num_streams: int) -> np.ndarray:
-    """`data` (N,) cut into `num_streams` contiguous equal streams: a (num_streams,
-    N // num_streams) uint8 view (the remainder is dropped; calls cast their slice)."""
-    data = np.asarray(data, np.uint8)
+    """`data` (N,) token ids cut into `num_streams` contiguous equal streams: a
+    (num_streams, N // num_streams) view (the remainder is dropped; calls cast their slice).
+    Bytes stay uint8; the ids of a tokenizer keep their integer type."""
+    data = np.asarray(data)
+    if not np.issubdtype(data.dtype, np.integer):
+        data = data.astype(np.uint8)
     if num_streams < 1:
         raise ValueError(f"num_streams must be >= 1, got {num_streams}")
     length = data.shape[0] // num_streams

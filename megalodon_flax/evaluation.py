@@ -73,7 +73,7 @@ def stream_eval(
     Args:
       model: the language model (byte vocabulary).
       params: its parameters (boxed or not, with or without the 'params' level).
-      data: (N,) uint8 split.
+      data: (N,) token ids: a uint8 split of bytes, or a tokenizer's ids.
       call_length: tokens per call (default: 4 chunks); memory does not grow with N.
       num_streams: contiguous streams read in parallel as a batch (1 = one stream).
       max_bytes: use only the first `max_bytes` bytes.
@@ -87,7 +87,7 @@ def stream_eval(
             f"stream evaluation needs a model that carries its state ({type(model).__name__} "
             "has a bounded context); use window_eval"
         )
-    data = np.asarray(data, np.uint8)[:max_bytes]
+    data = np.asarray(data)[:max_bytes]
     losses = context_curve.carried_position_losses(
         model,
         _params(params),

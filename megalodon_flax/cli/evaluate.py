@@ -69,6 +69,11 @@ define_flags = arguments.define_evaluate_flags
 
 def _split_bytes(run: checkpointing.TrainedRun) -> np.ndarray:
     data_config = run.config.data
+    if data_config.tokenizer is not None:
+        common.fail(
+            f"evaluate scores enwik8 bytes, but this run reads tokens of {data_config.tokenizer}; "
+            "its held-out evaluation (eval_bits_per_byte) is in its training logs"
+        )
     try:
         data = enwik8.load_enwik8_splits(
             data_config.data_dir, data_config.manual_dir, data_config.allow_sample_fallback

@@ -18,8 +18,10 @@ from ml_collections import config_flags
 from megalodon_flax import sharding
 from megalodon_flax.cli import common
 from megalodon_flax.config_base import ConfigError
+from megalodon_flax.data.documents import CorpusError
 from megalodon_flax.data.enwik8 import Enwik8UnavailableError
 from megalodon_flax.data.source_file import Enwik8FileError
+from megalodon_flax.data.tokenization import TokenizerError
 from megalodon_flax.training import loop
 from megalodon_flax.training.errors import TrainingError
 
@@ -52,7 +54,13 @@ def main(argv: list[str]) -> None:
         loop.train_and_evaluate(config, FLAGS.workdir)
     except ConfigError as err:  # a mesh or batch that does not fit the devices
         common.fail(str(err))
-    except (TrainingError, Enwik8FileError, Enwik8UnavailableError) as err:
+    except (
+        TrainingError,
+        Enwik8FileError,
+        Enwik8UnavailableError,
+        CorpusError,
+        TokenizerError,
+    ) as err:
         # a checkpoint, workdir lock, non-finite training or data-file error
         logging.flush()
         common.fail(str(err))

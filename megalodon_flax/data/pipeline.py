@@ -7,7 +7,8 @@ Every batch is a dict of numpy arrays, for a local batch of `B` rows and `L = se
 * `weights`: float32 `(B, L)`, 1 where the target is real and 0 on padding.
 
 Windows hold `seq_len + 1` consecutive bytes. Training draws them at random offsets that depend
-only on `(seed, step)`, so the iterator state is just the step. Evaluation tiles the split with
+only on `(seed, step)`, so the iterator state is just the step; `TrainIterator` runs them
+through Grain with background prefetch. Evaluation tiles the split with
 windows starting at `i * seq_len`, so that every byte after the first is a target exactly once.
 For multi-process data parallelism every process computes the same global batch and keeps its
 own contiguous block of `global_batch_size // process_count` rows.
@@ -19,9 +20,12 @@ import math
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+import grain
 import numpy as np
 
 Batch = dict[str, np.ndarray]
+# Steps a training iterator can count to (Grain ranges are finite).
+MAX_STEPS = 1 << 62
 
 
 def _check_data(data: np.ndarray) -> None:
@@ -124,11 +128,33 @@ def train_batch(
     return _to_batch(windows, np.ones((offsets.shape[0], seq_len), np.float32))
 
 
-class TrainIterator:
+class GrainBatches:
+    """Batches from a Grain dataset iterator (`self._iterator`), with `close()` for its
+    prefetch thread."""
+
+    _iterator: Any
+
+    def __iter__(self) -> GrainBatches:
+        return self
+
+    def __next__(self) -> Batch:
+        return next(self._iterator)
+
+    def close(self) -> None:
+        """Stops the prefetch thread."""
+        iterator, self._iterator = self._iterator, None
+        if iterator is not None and hasattr(iterator, "close"):
+            iterator.close()
+        del iterator  # collected now, not at interpreter exit when Grain's modules are gone
+
+
+class TrainIterator(GrainBatches):
     """Endless iterator of training batches (see `train_batch`), resumable from its state.
 
-    The state is `{'step': k}`, where `k` is the step of the next batch; it round-trips
-    through JSON, and an iterator restored from it yields the same batches as the original.
+    A Grain pipeline: `MapDataset.range` over the steps, each mapped to its batch, prepared
+    `prefetch` batches ahead by a background thread. The state is `{'step': k}`, where `k`
+    is the step of the next batch; it round-trips through JSON, and an iterator restored
+    from it yields the same batches as the original.
     """
 
     def __init__(
@@ -140,6 +166,7 @@ class TrainIterator:
         seed: int,
         process_index: int = 0,
         process_count: int = 1,
+        prefetch: int = 2,
         state: Mapping[str, Any] | None = None,
     ) -> None:
         """Initializes the iterator.
@@ -151,6 +178,7 @@ class TrainIterator:
             seed: Non-negative data seed.
             process_index: Index of this process.
             process_count: Number of processes feeding data.
+            prefetch: Batches prepared ahead by a background thread (0: none).
             state: A state from `get_state()` to resume from; `None` starts at step 0.
 
         Raises:
@@ -166,13 +194,29 @@ class TrainIterator:
             )
         if seed < 0:
             raise ValueError(f"seed must be >= 0, got {seed}.")
-        self._data = data
         self.seq_len = seq_len
         self.global_batch_size = global_batch_size
         self.seed = seed
         self.process_index = process_index
         self.process_count = process_count
-        self._step = 0
+
+        def batch_of(step: int) -> Batch:
+            return train_batch(
+                data,
+                step,
+                seq_len=seq_len,
+                global_batch_size=global_batch_size,
+                seed=seed,
+                process_index=process_index,
+                process_count=process_count,
+            )
+
+        dataset = grain.MapDataset.range(MAX_STEPS).map(batch_of).to_iter_dataset()
+        if prefetch > 0:
+            dataset = grain.experimental.ThreadPrefetchIterDataset(
+                dataset, prefetch_buffer_size=prefetch
+            )
+        self._iterator = iter(dataset)
         if state is not None:
             self.set_state(state)
 
@@ -183,30 +227,19 @@ class TrainIterator:
 
     def get_state(self) -> dict[str, int]:
         """Returns the JSON-serializable state `{'step': next_step}`."""
-        return {"step": self._step}
+        return {"step": int(self._iterator.get_state()["next_index"])}
 
     def set_state(self, state: Mapping[str, Any]) -> None:
         """Resumes from a state returned by `get_state()`."""
+        if "step" not in state:
+            raise ValueError(
+                "the checkpoint's data position is not a byte-window iterator's (it was saved "
+                f"by another data.source or data.documents): {dict(state)}"
+            )
         step = int(state["step"])
         if step < 0:
             raise ValueError(f"Invalid iterator state {dict(state)}.")
-        self._step = step
-
-    def __iter__(self) -> TrainIterator:
-        return self
-
-    def __next__(self) -> Batch:
-        batch = train_batch(
-            self._data,
-            self._step,
-            seq_len=self.seq_len,
-            global_batch_size=self.global_batch_size,
-            seed=self.seed,
-            process_index=self.process_index,
-            process_count=self.process_count,
-        )
-        self._step += 1
-        return batch
+        self._iterator.set_state({"next_index": step})
 
 
 def num_eval_windows(num_bytes: int, seq_len: int) -> int:

@@ -256,9 +256,27 @@ class MeshConfig(Section):
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig(Section):
-    """Where enwik8 comes from."""
+    """Where the training text comes from and how it becomes batches."""
 
     PREFIX: ClassVar[str] = "config.data"
+    # 'enwik8' (the tfds builder) or 'text_files' (a folder, files or globs: `text_paths`).
+    source: str = _field("enwik8", _one_of("enwik8", "text_files"))
+    # enwik8 only: 'windows' (random seq_len + 1 byte windows, the published protocol) or
+    # 'pages' (its <page> elements as documents, packed into rows with segment ids).
+    documents: str = _field("windows", _one_of("windows", "pages"))
+    # text_files: comma-separated directories, files and globs (.jsonl: one document per line).
+    text_paths: str | None = _field(None)
+    # text_files: the JSONL field holding each document's text.
+    text_field: str = _field("text", ((lambda v: len(v) > 0), "non-empty"))
+    # text_files: fraction of the documents (the last ones) held out for evaluation.
+    eval_fraction: float = _field(0.01, ((lambda v: 0 < v < 1), "in (0, 1)"))
+    # Packed documents: a tokenizer file (Hugging Face tokenizers .json, else sentencepiece
+    # .model); None: bytes (vocabulary 256).
+    tokenizer: str | None = _field(None)
+    # With a tokenizer: 'replace' invalid UTF-8 by U+FFFD, or stop with an 'error'.
+    invalid_utf8: str = _field("replace", _one_of("replace", "error"))
+    # Packed pipelines: batches prepared ahead by a background thread (0: none).
+    prefetch: int = _field(2, _ge(0))
     # tfds data directory (None: $TFDS_DATA_DIR or ~/tensorflow_datasets).
     data_dir: str | None = _field(None)
     # Directory holding the full enwik8.zip (None: <data_dir>/downloads/manual).
@@ -322,15 +340,33 @@ class TrainConfig(Section):
     def __post_init__(self) -> None:
         super().__post_init__()
         family = families.get_family(self.model_family)
+        data = self.data
         if not isinstance(self.model, family.config_class):
             raise ConfigError(
                 f"config.model must be a {family.config_class.__name__} for model_family "
                 f"{self.model_family!r}, got {type(self.model).__name__}"
             )
-        if self.model.vocab_size < 256 or self.model.output_width < 256:
+        if data.tokenizer is not None and data.source == "enwik8" and data.documents == "windows":
+            raise ConfigError(
+                "config.data.tokenizer needs packed documents: config.data.documents='pages' "
+                "or config.data.source='text_files' (enwik8 windows are bytes)"
+            )
+        if data.tokenizer is None and (
+            self.model.vocab_size < 256 or self.model.output_width < 256
+        ):
             raise ConfigError(
                 "config.model.vocab_size and the output width must be >= 256 for byte-level "
                 f"data, got {self.model.vocab_size} and {self.model.output_width}"
+            )
+        if data.source == "text_files" and not data.text_paths:
+            raise ConfigError(
+                "config.data.source='text_files' needs config.data.text_paths (a folder, files "
+                "or globs, comma-separated)"
+            )
+        if data.source != "enwik8" and data.documents != "windows":
+            raise ConfigError(
+                f"config.data.documents={data.documents!r} applies to enwik8 only; text_files "
+                "are always packed documents"
             )
         if self.eval.mode != "window" and not family.carries_state:
             carrying = sorted(n for n, f in families.FAMILIES.items() if f.carries_state)

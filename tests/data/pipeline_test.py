@@ -167,3 +167,22 @@ def test_eval_errors() -> None:
         list(pipeline.eval_batches(data, seq_len=4, global_batch_size=3, process_count=2))
     with pytest.raises(ValueError, match="seq_len"):
         list(pipeline.eval_batches(data, seq_len=0, global_batch_size=2))
+
+
+def test_prefetched_batches_are_the_steps_batches_and_the_state_counts_consumed_ones(
+    byte_array: np.ndarray,
+) -> None:
+    """The background thread prepares batches ahead; what is yielded is still the batch of
+    each step in order (`train_batch`, the direct computation), and the state names the
+    next batch to be consumed, not the next one prepared."""
+    it = pipeline.TrainIterator(byte_array, prefetch=4, **_kwargs())
+    got = [next(it) for _ in range(3)]
+    assert it.get_state() == {"step": 3}
+    for step, batch in enumerate(got):
+        want = pipeline.train_batch(byte_array, step, **_kwargs())
+        for key in want:
+            np.testing.assert_array_equal(batch[key], want[key])
+    resumed = pipeline.TrainIterator(byte_array, prefetch=0, state=it.get_state(), **_kwargs())
+    np.testing.assert_array_equal(next(resumed)["inputs"], next(it)["inputs"])
+    it.close()
+    resumed.close()

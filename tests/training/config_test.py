@@ -361,3 +361,15 @@ def test_other_invalid_values_stop() -> None:
         ("model.vocab_size", 128, "must be >= 256 for byte-level"),
     ]:
         _expect_invalid(_with(key, value), pattern)
+
+
+def test_data_source_fields_must_agree() -> None:
+    _expect_invalid(
+        _with("data.source", "text_files"), r"source='text_files' needs config.data.text_paths"
+    )
+    c = _with("data.source", "text_files")
+    c.data.text_paths = "corpus/"
+    c.data.documents = "pages"
+    _expect_invalid(c, r"documents='pages' applies to enwik8 only")
+    _expect_invalid(_with("data.source", "web"), r"config.data.source")
+    TrainConfig.from_mapping(_with("data.documents", "pages"))  # enwik8 pages: valid

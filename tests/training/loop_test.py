@@ -20,9 +20,11 @@ import numpy as np
 import pytest
 
 from megalodon_flax import families
+from megalodon_flax.data import enwik8
 from megalodon_flax.llama import parameter_breakdown
 from megalodon_flax.training import loop
 from megalodon_flax.training.config import TrainConfig
+from megalodon_flax.training.setup import setup_training
 from tests import helpers
 from tests.factories import tiny_llama_train_mapping, tiny_train_config
 
@@ -129,3 +131,23 @@ def test_llama_trains_with_the_shared_loop(tmp_path: Path, enwik8_data) -> None:
     assert sorted(helpers.read_scalars(workdir, "eval_bits_per_byte")) == [12]
     samples = helpers.read_texts(workdir)
     assert samples and all(s.startswith(config.sampling.prompt) for s in samples.values())
+
+
+def test_enwik8_pages_train_as_packed_documents(tmp_path: Path, enwik8_data) -> None:
+    config = tiny_train_config(
+        data={**enwik8_data, "documents": "pages"},
+        num_train_steps=4,
+        eval={"every_steps": 4},
+        checkpoint={"every_steps": 4},
+        sampling={"every_steps": 0},
+    )
+    workdir = tmp_path / "run"
+    loop.train_and_evaluate(config, str(workdir))
+    train = enwik8.load_enwik8_splits(**enwik8_data)["train"]
+    _, _, data_state = helpers.restore_checkpoint(workdir, setup_training(config))
+    # One document before the first <page> and one per <page> of the train split.
+    assert data_state["train_iterator"]["num_documents"] == train.tobytes().count(b"<page>") + 1
+    assert data_state["train_iterator"]["packed"]["parent_state"]["next_index"] > 0
+    for tag in ("train_loss", "eval_loss"):
+        values = helpers.read_scalars(workdir, tag)
+        assert 4 in values and all(np.isfinite(v) for v in values.values()), tag

@@ -18,7 +18,7 @@ import optax
 import pytest
 
 from megalodon_flax import evaluation
-from megalodon_flax.data import pipeline
+from megalodon_flax.data import packing, pipeline
 from megalodon_flax.training import loop
 from megalodon_flax.training.setup import TrainingSetup, setup_training
 from tests.factories import tiny_train_config
@@ -150,17 +150,22 @@ def test_train_step_compiles_once(shared) -> None:
         assert fresh
 
 
-def _run_steps(config, steps: int) -> tuple[list[float], list[float], dict]:
+def _run_steps(config, steps: int, packed: bool = False) -> tuple[list[float], list[float], dict]:
     with jax.default_matmul_precision("highest"):
         setup = setup_training(config)
         state = setup.init_state()
         data = np.random.default_rng(5).integers(0, 256, 4000, dtype=np.uint8)
-        it = pipeline.TrainIterator(
-            data,
+        rows = dict(
             seq_len=config.seq_len,
             global_batch_size=config.batch_size * config.grad_accum_steps,
             seed=3,
         )
+        if packed:  # documents of 1-40 bytes: several runs per row
+            cuts = np.cumsum(np.random.default_rng(6).integers(1, 41, 200))
+            docs = [bytes(d) for d in np.split(data, cuts[cuts < data.size]) if d.size]
+            it = packing.PackedTrainIterator(docs, prefetch=0, **rows)
+        else:
+            it = pipeline.TrainIterator(data, **rows)
         step_losses, norms = [], []
         for _ in range(steps):
             state, m = setup.train_step(state, next(it))
@@ -184,6 +189,18 @@ def test_gradient_accumulation_gives_the_same_updates() -> None:
 def test_gradient_accumulation_four_by_two() -> None:
     base = _run_steps(tiny_train_config(batch_size=8, grad_accum_steps=1), 3)
     other = _run_steps(tiny_train_config(batch_size=4, grad_accum_steps=2), 3)
+    np.testing.assert_allclose(other[0], base[0], rtol=1e-5)
+    np.testing.assert_allclose(other[1], base[1], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(other[2]), jax.tree.leaves(base[2]), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-6)
+
+
+@pytest.mark.slow
+def test_gradient_accumulation_of_packed_rows_gives_the_same_updates() -> None:
+    """Packed rows (segment ids, zero weights at document starts) split into micro-batches
+    update as the whole batch does."""
+    base = _run_steps(tiny_train_config(batch_size=8, grad_accum_steps=1), 3, packed=True)
+    other = _run_steps(tiny_train_config(batch_size=2, grad_accum_steps=4), 3, packed=True)
     np.testing.assert_allclose(other[0], base[0], rtol=1e-5)
     np.testing.assert_allclose(other[1], base[1], rtol=1e-5)
     for a, b in zip(jax.tree.leaves(other[2]), jax.tree.leaves(base[2]), strict=True):
