@@ -22,8 +22,12 @@ import os
 from collections.abc import Sequence
 
 import numpy as np
+from absl import logging
 
 JSONL_SUFFIX = ".jsonl"
+# Index progress lines for large corpora.
+PROGRESS_EVERY_FILES = 10_000
+PROGRESS_EVERY_LINES = 1_000_000
 PAGE_OPEN = b"<page>"
 
 
@@ -77,6 +81,10 @@ class TextFiles:
                 size = os.path.getsize(path)
                 if size:
                     index.append((f, 0, size, 0))
+            if f % PROGRESS_EVERY_FILES == PROGRESS_EVERY_FILES - 1:
+                logging.info(
+                    "Indexed %d of %d files, %d documents", f + 1, len(self.files), len(index)
+                )
         if not index:
             raise CorpusError(f"the {len(self.files)} files under {paths!r} hold no document")
         self._index = np.asarray(index, np.int64)
@@ -90,6 +98,8 @@ class TextFiles:
                     self._parse(line, path, number)
                     lines.append((offset, len(line), number))
                 offset += len(line)
+                if number % PROGRESS_EVERY_LINES == 0:
+                    logging.info("Indexing %s: %d lines", path, number)
         return lines
 
     def _parse(self, line: bytes, path: str, number: int) -> bytes:

@@ -263,6 +263,7 @@ def eval_batches(
     max_batches: int | None = None,
     process_index: int = 0,
     process_count: int = 1,
+    segment_ids: np.ndarray | None = None,
 ) -> Iterator[Batch]:
     """Yields contiguous, non-overlapping evaluation windows covering the split.
 
@@ -278,14 +279,23 @@ def eval_batches(
         max_batches: Stop after this many batches (`None`: cover the whole split).
         process_index: Index of this process.
         process_count: Number of processes feeding data.
+        segment_ids: `(num_bytes,)` int, the document of each token (> 0), for a split of
+            concatenated documents: every window then carries `segment_ids` and scores no
+            target in another document than its input, so each document is read from a
+            fresh state.
 
     Yields:
         `{'inputs', 'targets'}` int32 `(B, L)` and `weights` float32 `(B, L)`, with
-        `B = global_batch_size // process_count`.
+        `B = global_batch_size // process_count`; with `segment_ids`, also `segment_ids`
+        int32 `(B, L)` of the inputs (0 where the input has no target).
     """
     _check_data(data)
     _check_batching(seq_len, global_batch_size, process_index, process_count)
     num_bytes = data.shape[0]
+    if segment_ids is not None and (segment_ids.shape != data.shape or not np.all(segment_ids > 0)):
+        raise ValueError(
+            f"segment_ids must be positive ids of shape {data.shape}, got {segment_ids.shape}"
+        )
     if num_bytes < 2:
         raise ValueError(f"Evaluation split of {num_bytes} bytes has nothing to predict.")
     if max_batches is not None and max_batches < 0:
@@ -302,9 +312,12 @@ def eval_batches(
         # A position counts when its target byte exists. Rows past the last window start at or
         # beyond byte num_bytes - 1, so this also blanks the filler rows of the last batch.
         weights = index[:, 1:] < num_bytes
-        windows = data[np.minimum(index, num_bytes - 1)].astype(np.int32)
-        yield {
-            "inputs": windows[:, :-1] * weights,
-            "targets": windows[:, 1:] * weights,
-            "weights": weights.astype(np.float32),
-        }
+        clipped = np.minimum(index, num_bytes - 1)
+        windows = data[clipped].astype(np.int32)
+        batch = {"inputs": windows[:, :-1] * weights, "targets": windows[:, 1:] * weights}
+        if segment_ids is not None:
+            ids = segment_ids[clipped].astype(np.int32)
+            weights = weights & (ids[:, 1:] == ids[:, :-1])
+            batch["segment_ids"] = np.where(index[:, 1:] < num_bytes, ids[:, :-1], 0)
+        batch["weights"] = weights.astype(np.float32)
+        yield batch

@@ -7,8 +7,8 @@ evaluation tokens.
   packed (`packing.PackedTrainIterator`). Evaluation is unchanged (windows of the
   validation or test split), so its numbers compare with the default's.
 * `source='text_files'`: the documents of `text_paths` (`documents.TextFiles`), the last
-  `eval_fraction` of them held out; training packs the rest, evaluation reads the held-out
-  documents' tokens one after another.
+  `eval_fraction` of them held out; training packs the rest, evaluation reads windows of
+  the held-out documents one after another, each document from a fresh state (segment ids).
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ class TrainingData:
       new_train_iterator: state or None → the training iterator (`get_state()` resumes it).
       eval_tokens: int (N,) tokens evaluated by windows or streams.
       eval_bytes: bytes of text behind `eval_tokens` (bits per byte = nats / ln 2 / bytes).
+      eval_segment_ids: int (N,) document of each evaluation token (> 0) where the tokens
+        are several documents one after another (text_files), else None.
       tokenizer: encodes documents and prompts, decodes samples.
       description: one line for the log.
     """
@@ -42,6 +44,7 @@ class TrainingData:
     eval_bytes: int
     tokenizer: tokenization.Tokenizer
     description: str
+    eval_segment_ids: np.ndarray | None = None
 
 
 def load(config: Any, process_index: int, process_count: int) -> TrainingData:
@@ -102,7 +105,11 @@ def load(config: Any, process_index: int, process_count: int) -> TrainingData:
     if strict_text:
         documents.check_utf8(documents.DocumentRange(corpus, eval_ids))
     held_out = [corpus[i] for i in eval_ids]
-    eval_tokens = np.concatenate([tokenizer.encode(d) for d in held_out])
+    pieces = [tokenizer.encode(d) for d in held_out]
+    eval_tokens = np.concatenate(pieces)
+    eval_segment_ids = np.repeat(
+        np.arange(1, len(pieces) + 1, dtype=np.int32), [p.size for p in pieces]
+    )
     if eval_tokens.size < 2:
         raise documents.CorpusError(
             f"the {len(eval_ids)} held-out documents of {corpus} hold {eval_tokens.size} "
@@ -115,4 +122,5 @@ def load(config: Any, process_index: int, process_count: int) -> TrainingData:
         sum(len(d) for d in held_out),
         tokenizer,
         f"{corpus}, packed, tokenizer {tokenizer.name}",
+        eval_segment_ids,
     )

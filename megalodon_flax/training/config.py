@@ -363,6 +363,12 @@ class TrainConfig(Section):
                 "config.data.source='text_files' needs config.data.text_paths (a folder, files "
                 "or globs, comma-separated)"
             )
+        if data.source == "text_files" and self.eval.mode != "window":
+            raise ConfigError(
+                f"config.eval.mode={self.eval.mode!r}: stream evaluation of held-out text_files "
+                "documents (one stream per document) is not built yet; use 'window', which "
+                "reads each document from a fresh state"
+            )
         if data.source != "enwik8" and data.documents != "windows":
             raise ConfigError(
                 f"config.data.documents={data.documents!r} applies to enwik8 only; text_files "

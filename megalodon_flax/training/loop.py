@@ -266,6 +266,7 @@ def _train_locked(config: TrainConfig, workdir: epath.Path, setup: TrainingSetup
                     max_batches=None if config.eval.num_batches == -1 else config.eval.num_batches,
                     process_index=setup.eval_rows[0],
                     process_count=setup.eval_rows[1],
+                    segment_ids=data.eval_segment_ids,
                 )
                 result = evaluation.window_eval(setup.eval_step, state.params, batches)
             scalars.update(eval_loss=result.loss, **bits_scalars("eval", result.bits_per_byte))

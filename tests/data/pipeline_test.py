@@ -186,3 +186,32 @@ def test_prefetched_batches_are_the_steps_batches_and_the_state_counts_consumed_
     np.testing.assert_array_equal(next(resumed)["inputs"], next(it)["inputs"])
     it.close()
     resumed.close()
+
+
+def test_eval_windows_with_segment_ids_score_no_pair_across_documents() -> None:
+    """Brute force over every window position: a target counts when it exists and is in the
+    input's document; the inputs' segment ids are the documents (0 without a target)."""
+    rng = np.random.default_rng(4)
+    data = rng.integers(0, 256, 61).astype(np.uint8)
+    ids = np.repeat(np.arange(1, 8), [3, 12, 1, 9, 20, 4, 12])
+    seq_len, rows = 8, 3
+    plain = list(pipeline.eval_batches(data, seq_len=seq_len, global_batch_size=rows))
+    packed = list(
+        pipeline.eval_batches(data, seq_len=seq_len, global_batch_size=rows, segment_ids=ids)
+    )
+    assert len(plain) == len(packed)
+    for b, (p, q) in enumerate(zip(plain, packed, strict=True)):
+        assert "segment_ids" not in p
+        np.testing.assert_array_equal(p["inputs"], q["inputs"])
+        np.testing.assert_array_equal(p["targets"], q["targets"])
+        for r in range(rows):
+            for t in range(seq_len):
+                i = (b * rows + r) * seq_len + t  # the input's index in the split
+                has_target = i + 1 < data.size
+                same = has_target and ids[i] == ids[i + 1]
+                assert q["weights"][r, t] == float(same), (b, r, t)
+                assert q["segment_ids"][r, t] == (ids[i] if has_target else 0)
+    scored = sum(q["weights"].sum() for q in packed)
+    assert scored == data.size - 7  # every target but the first token of each document
+    with pytest.raises(ValueError, match="segment_ids must be positive"):
+        next(pipeline.eval_batches(data, seq_len=8, global_batch_size=3, segment_ids=ids[:-1]))

@@ -373,3 +373,10 @@ def test_data_source_fields_must_agree() -> None:
     _expect_invalid(c, r"documents='pages' applies to enwik8 only")
     _expect_invalid(_with("data.source", "web"), r"config.data.source")
     TrainConfig.from_mapping(_with("data.documents", "pages"))  # enwik8 pages: valid
+
+
+def test_text_files_refuse_stream_evaluation() -> None:
+    c = _with("data.source", "text_files")
+    c.data.text_paths = "corpus/"
+    c.eval.mode = "stream"
+    _expect_invalid(c, r"eval.mode='stream': stream evaluation of held-out text_files")

@@ -229,6 +229,36 @@ def test_evaluate_matches_per_window_float64_oracle(shared, apply_fn) -> None:
     assert got.bits_per_byte == pytest.approx(nll.mean() / math.log(2), rel=1e-5)
 
 
+def test_evaluation_of_concatenated_documents_reads_each_alone(shared, apply_fn) -> None:
+    """Held-out documents one after another, with their segment ids: the evaluated NLL is
+    that of each document run alone from a fresh state (their first tokens unscored),
+    windows cutting documents included."""
+    config = shared.config
+    state = shared.init_state()
+    rng = np.random.default_rng(8)
+    docs = [rng.integers(0, 256, n).astype(np.uint8) for n in (5, 14, 1, 9, 30, 4)]
+    data = np.concatenate(docs)
+    ids = np.repeat(np.arange(1, len(docs) + 1), [d.size for d in docs])
+    batches = pipeline.eval_batches(
+        data, seq_len=config.seq_len, global_batch_size=config.eval.batch_size, segment_ids=ids
+    )
+    with jax.default_matmul_precision("highest"):
+        got = evaluation.window_eval(shared.eval_step, state.params, batches)
+        params = jax.device_get(state.params)
+        nll = []
+        # Oracle: every piece of a document inside one 16-token window, run alone.
+        for start in range(0, data.size - 1, 16):
+            window = slice(start, min(start + 17, data.size))
+            for doc in np.unique(ids[window]):
+                piece = data[window][ids[window] == doc].astype(np.int32)
+                if piece.size > 1:
+                    logits = apply_fn(params, jnp.asarray(piece[None, :-1]))
+                    nll.append(losses.cross_entropy(np.asarray(logits)[0], piece[1:]))
+    nll = np.concatenate(nll)
+    assert got.num_tokens == nll.size == data.size - len(docs)  # no pair across documents
+    assert got.loss == pytest.approx(nll.mean(), rel=1e-5)
+
+
 # -------------------------------------------------------------------------------- sampling
 def test_text_sample_is_greedy_continuation_of_the_prompt(shared, apply_fn) -> None:
     state = shared.init_state()
