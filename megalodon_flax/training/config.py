@@ -275,7 +275,7 @@ class DataConfig(Section):
     tokenizer: str | None = _field(None)
     # With a tokenizer: 'replace' invalid UTF-8 by U+FFFD, or stop with an 'error'.
     invalid_utf8: str = _field("replace", _one_of("replace", "error"))
-    # Packed pipelines: batches prepared ahead by a background thread (0: none).
+    # Batches prepared ahead by a background thread, windows and packed rows alike (0: none).
     prefetch: int = _field(2, _ge(0))
     # tfds data directory (None: $TFDS_DATA_DIR or ~/tensorflow_datasets).
     data_dir: str | None = _field(None)
