@@ -341,8 +341,12 @@ RESET_BLOCK = 16
 
 
 def cema_blocked_resets(
-    coeffs: CemaCoefficients, x: jax.Array, position: jax.Array, size: int = RESET_BLOCK
-) -> jax.Array:
+    coeffs: CemaCoefficients,
+    x: jax.Array,
+    position: jax.Array,
+    size: int = RESET_BLOCK,
+    return_state: bool = False,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
     """CEMA output with a state reset at every run start, in blocks of `size` timesteps.
 
     Args:
@@ -353,7 +357,9 @@ def cema_blocked_resets(
 
     Returns:
       y_ema (B, D, L) float32 (no ω term): Σ_{k ≤ position[t]} K[k] x[t − k] for the
-      impulse response K of `cema_kernel`.
+      impulse response K of `cema_kernel`; with `return_state`, also the state after the
+      last timestep (B, D, N) complex64, from its run's start (or from a zero state before
+      x when that run starts earlier: positions may exceed t, as in a context shard).
 
     Inside a block, y[t] sums K[k] x[t − k] over the lags k < T that stay in the block and in
     the run (k ≤ position[t]). Each block reduces to its end state (from its last reset, or
@@ -364,9 +370,9 @@ def cema_blocked_resets(
     batch, dim, length = x.shape
     blocks = -(-length // size)
     pad = blocks * size - length
-    xb = jnp.pad(x, ((0, 0), (0, 0), (0, pad))).reshape(batch, dim, blocks, size)
-    pos = jnp.pad(position, ((0, 0), (0, pad)), constant_values=size)
-    pos = pos.reshape(batch, 1, blocks, size)
+    # Zeros in front (not behind) keep the last block's end state the final state.
+    xb = jnp.pad(x, ((0, 0), (0, 0), (pad, 0))).reshape(batch, dim, blocks, size)
+    pos = jnp.pad(position, ((0, 0), (pad, 0))).reshape(batch, 1, blocks, size)
     offset = jnp.arange(size, dtype=jnp.int32)  # t − b0
 
     # q^j for j ≤ T, straight from the polar form (T is small): (D, N, T + 1) each.
@@ -392,7 +398,9 @@ def cema_blocked_resets(
         return (n_re, n_im), state
 
     zeros = jnp.zeros(local_re.shape[1:], jnp.float32)
-    _, (in_re, in_im) = jax.lax.scan(step, (zeros, zeros), (local_re, local_im, carries))
+    (last_re, last_im), (in_re, in_im) = jax.lax.scan(
+        step, (zeros, zeros), (local_re, local_im, carries)
+    )
     # Re Σ_n γ s q^(offset + 1) for the incoming state s of each block.
     gs_re = coeffs.gamma_re * in_re - coeffs.gamma_im * in_im
     gs_im = coeffs.gamma_re * in_im + coeffs.gamma_im * in_re
@@ -400,7 +408,10 @@ def cema_blocked_resets(
         "mbdn,dnt->bdmt", gs_im, pow_im[..., 1:]
     )
     y = y + jnp.where(pos > offset, bias, 0.0)
-    return y.reshape(batch, dim, blocks * size)[..., :length]
+    y = y.reshape(batch, dim, blocks * size)[..., pad:]
+    if return_state:
+        return y, jax.lax.complex(last_re, last_im)
+    return y
 
 
 def _moving_average(

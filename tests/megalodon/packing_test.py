@@ -70,6 +70,32 @@ def test_cema_resets_at_every_run_start(path, block):
         np.testing.assert_allclose(y[b, :, start:end], expected[0], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("block, cut", [(16, 0), (5, 0), (5, 7), (16, 21)])
+def test_blocked_resets_final_state_is_the_last_runs(block, cut):
+    """The state after the last timestep counts from the last run start; a row cut inside a
+    run (positions > t, as in a context shard) counts from a zero state before the cut."""
+    dim = 12
+    params = _random_params(3, dim=dim, ndim=4)
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(2, dim, L)).astype(np.float32)
+    seg = segments_from_ids(jnp.asarray(IDS))
+    x = np.where(np.asarray(seg.valid)[:, None, :], x, 0.0).astype(np.float32)
+    coeffs = cema.cema_coefficients(*(jnp.asarray(params[n]) for n in PARAM_NAMES[:5]))
+    position = np.asarray(seg.position)[:, cut:]
+    y, state = cema.cema_blocked_resets(
+        coeffs, jnp.asarray(x[..., cut:]), jnp.asarray(position), block, return_state=True
+    )
+    omega = params["omega"].astype(np.float64)[:, None]
+    for b in range(2):
+        t = L - 1 - cut
+        start = cut + max(0, t - int(position[b, t]))
+        expected_y, states = cema_reference.recurrence(params, x[b : b + 1, :, start:])
+        np.testing.assert_allclose(state[b], states[-1][0], rtol=1e-5, atol=1e-5)
+        first = start - cut
+        got = np.asarray(y[b, :, first:]) + omega * x[b, :, start:]
+        np.testing.assert_allclose(got, expected_y[0], rtol=1e-5, atol=1e-5)
+
+
 def test_timestep_norm_restarts_at_every_run_start():
     dim, groups = 16, 4
     rng = np.random.default_rng(5)
