@@ -13,6 +13,8 @@ stream length. With several streams each bucket pools the same positions of ever
   last 6 chunks rerun from a fresh state after each call and their TimestepNorm statistics
   (every layer's and the final norm's) replace the carried ones; the KV ring and the CEMA
   state stay. Its normalization therefore sees the last 6-8 chunks only.
+* `carried_document_losses`: the same model reads each document of a split of documents
+  (segment ids) as its own stream from a fresh state; positions count within the document.
 * `windowed_position_losses`: a model of bounded context (the Llama baseline) reads each
   stream in windows of `window` bytes advanced by `stride`; the first window scores all its
   targets, every later one its last `stride`, so a target past the first window is predicted
@@ -74,15 +76,17 @@ class PositionLosses:
         zeros = np.zeros(len(edges) - 1, np.float64)
         return cls(edges, zeros, zeros.copy(), method=method)
 
-    def add(self, start: int, losses: np.ndarray) -> None:
-        """Adds per-token losses (streams, T) of positions start … start + T − 1."""
+    def add(self, start: int, losses: np.ndarray, weights: np.ndarray | None = None) -> None:
+        """Adds per-token losses (streams, T) of positions start … start + T − 1, each
+        counted with its weight (streams, T) (default 1; 0 = padding)."""
         stop = start + losses.shape[1]
+        weights = np.ones(losses.shape) if weights is None else weights
         for i, (lo, hi) in enumerate(itertools.pairwise(self.edges)):
             a, b = max(lo, start), min(hi, stop)
             if a < b:
-                part = losses[:, a - start : b - start].astype(np.float64)
-                self.nll[i] += part.sum()
-                self.count[i] += part.size
+                w = weights[:, a - start : b - start].astype(np.float64)
+                self.nll[i] += (losses[:, a - start : b - start].astype(np.float64) * w).sum()
+                self.count[i] += w.sum()
 
     @property
     def bits_per_byte(self) -> np.ndarray:
@@ -211,6 +215,91 @@ def carried_position_losses(
         result.add(lo, np.asarray(losses))
         if progress is not None:
             progress(hi * num_streams, length * num_streams)
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _document_bounds(segment_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Start and stop (D,) of each document: each run of equal ids in `segment_ids` (N,)."""
+    change = np.flatnonzero(np.diff(segment_ids)) + 1
+    return np.concatenate([[0], change]), np.concatenate([change, [segment_ids.size]])
+
+
+def carried_document_losses(
+    model: families.LanguageModel,
+    params: Any,
+    data: np.ndarray,
+    segment_ids: np.ndarray,
+    *,
+    num_streams: int = 1,
+    call_length: int | None = None,
+    progress: ProgressFn | None = None,
+    edges: Sequence[int] | None = None,
+) -> PositionLosses:
+    """Position-bucketed losses of a state-carrying model reading each document as a stream.
+
+    Every document is read from a fresh (zero) state with its cache carried call after call
+    (exact statistics); every token after its first is scored, predicted from all of its
+    document before it and from nothing of another. A token's position is its index in its
+    document minus one, so the buckets pool the same positions of every document.
+
+    Documents of different lengths: they are sorted by length (longest first) and read
+    `num_streams` at a time as one batch from a fresh cache, each padded after its end to the
+    group's longest rounded up to a multiple of `call_length` (the rows of a last, smaller
+    group are all padding). Padding has weight 0 and, the model being causal, never changes
+    what a document's own tokens predict, so each document's losses are those of it read
+    alone. Every call has the shape (num_streams, call_length): one compilation, and memory
+    bounded whatever the document lengths. Sorting keeps the padding small; refilling a
+    finished row with the next document instead would need a state reset per row, which the
+    cache cannot express (its position is one scalar shared by the rows).
+
+    Args:
+        model, params: the language model and its parameters (without the 'params' level).
+        data: (N,) token ids of the documents one after another.
+        segment_ids: (N,) int, the document of each token (consecutive documents differ).
+        num_streams: documents read in parallel as a batch.
+        call_length: tokens per call (default 4 chunks).
+        progress: called as progress(targets_done, targets_total) after every call.
+        edges: bucket edges from 0 to the longest document's length − 1 (default
+            `bucket_edges`).
+
+    Raises:
+        ValueError: mismatched shapes, `num_streams` < 1, or no document of two tokens.
+    """
+    family = families.family_of_model(model)
+    if not family.carries_state:
+        raise TypeError(f"{type(model).__name__} has a bounded context")
+    data, segment_ids = np.asarray(data), np.asarray(segment_ids)
+    if segment_ids.shape != data.shape or data.ndim != 1:
+        raise ValueError(f"segment_ids {segment_ids.shape} must match the tokens {data.shape}")
+    if num_streams < 1:
+        raise ValueError(f"num_streams must be >= 1, got {num_streams}")
+    call_length = call_length or 4 * model.config.chunk_size
+    starts, stops = _document_bounds(segment_ids)
+    sizes = stops - starts
+    order = np.argsort(-sizes, kind="stable")
+    order = order[sizes[order] >= 2]
+    if order.size == 0:
+        raise ValueError(f"none of the {sizes.size} documents holds two tokens to predict from")
+    result = PositionLosses.empty(int(sizes[order[0]]) - 1, "documents, one stream each", edges)
+    total, done = int((sizes[order] - 1).sum()), 0
+    start = time.perf_counter()
+    for first in range(0, order.size, num_streams):
+        docs = order[first : first + num_streams]
+        rows = np.zeros(num_streams, np.int64)  # tokens of each row's document (0: none)
+        rows[: docs.size] = sizes[docs]
+        cache = family.init_cache(model.config, num_streams, 0)
+        for lo in range(0, int(rows[0]) - 1, call_length):
+            tokens = np.zeros((num_streams, call_length + 1), np.int32)
+            for row, doc in enumerate(docs):
+                piece = data[starts[doc] + lo : min(starts[doc] + lo + call_length + 1, stops[doc])]
+                tokens[row, : piece.size] = piece
+            weights = lo + 1 + np.arange(call_length) < rows[:, None]  # the target exists
+            losses, cache = _carried_call(model, params, cache, tokens[:, :-1], tokens[:, 1:])
+            result.add(lo, np.asarray(losses), weights)
+            done += int(weights.sum())
+            if progress is not None:
+                progress(done, total)
     result.seconds = time.perf_counter() - start
     return result
 

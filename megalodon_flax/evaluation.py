@@ -2,7 +2,10 @@
 
 * `stream` mode reads the split as `num_streams` contiguous streams (1 = the whole split as
   one stream) and feeds them call after call with the model's streaming cache, so every byte
-  is predicted with all preceding context of its stream at constant memory.
+  is predicted with all preceding context of its stream at constant memory. A split of
+  documents (segment ids: held-out text_files) is read one stream per document instead, each
+  from a fresh state, `num_streams` documents at a time
+  (`context_curve.carried_document_losses`).
 * `window` mode runs a compiled eval step (`TrainingSetup.eval_step`, sharded over the mesh)
   over contiguous, non-overlapping windows of `seq_len + 1` bytes that each start from a
   fresh state; the training loop and the `evaluate` command both use it.
@@ -63,24 +66,31 @@ def stream_eval(
     params: Any,
     data: np.ndarray,
     *,
+    segment_ids: np.ndarray | None = None,
     call_length: int | None = None,
     num_streams: int = 1,
     max_bytes: int | None = None,
     progress: ProgressFn | None = None,
 ) -> EvalResult:
-    """Bits per byte of `data` read as `num_streams` streams with the state carried along.
+    """Bits per byte of `data` read as streams with the state carried along.
 
     Args:
       model: the language model (byte vocabulary).
       params: its parameters (boxed or not, with or without the 'params' level).
       data: (N,) token ids: a uint8 split of bytes, or a tokenizer's ids.
+      segment_ids: (N,) int, the document of each token, for a split of documents one
+        after another: each document is then one stream from a fresh state, and no token
+        is predicted from another document.
       call_length: tokens per call (default: 4 chunks); memory does not grow with N.
-      num_streams: contiguous streams read in parallel as a batch (1 = one stream).
-      max_bytes: use only the first `max_bytes` bytes.
-      progress: called as progress(tokens_done, tokens_total) after every call.
+      num_streams: streams read in parallel as a batch: contiguous equal parts of the
+        split (1 = one stream), or with `segment_ids` documents.
+      max_bytes: use only the first `max_bytes` tokens (bytes without a tokenizer); of
+        documents, those that start before it, the one it cuts read up to the cut.
+      progress: called as progress(done, total) after every call (tokens read, or with
+        `segment_ids` targets scored).
 
     Returns:
-      EvalResult over every byte of each stream after its first.
+      EvalResult over every token of each stream after its first.
     """
     if not families.family_of_model(model).carries_state:
         raise TypeError(
@@ -88,14 +98,13 @@ def stream_eval(
             "has a bounded context); use window_eval"
         )
     data = np.asarray(data)[:max_bytes]
-    losses = context_curve.carried_position_losses(
-        model,
-        _params(params),
-        data,
-        num_streams=num_streams,
-        call_length=call_length,
-        progress=progress,
-    )
+    common = dict(num_streams=num_streams, call_length=call_length, progress=progress)
+    if segment_ids is None:
+        losses = context_curve.carried_position_losses(model, _params(params), data, **common)
+    else:
+        losses = context_curve.carried_document_losses(
+            model, _params(params), data, np.asarray(segment_ids)[:max_bytes], **common
+        )
     return EvalResult("stream", float(losses.nll.sum()), int(losses.count.sum()), losses.seconds)
 
 

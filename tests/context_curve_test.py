@@ -147,3 +147,51 @@ def test_sliding_windows_score_each_target_once_from_its_window() -> None:
     assert list(got.count) == [2] * 44
     with pytest.raises(ValueError, match="stride must be in"):
         context_curve.windowed_position_losses(model, params, data, window=16, stride=17)
+
+
+def _documents(sizes: list[int], seed: int = 11) -> tuple[np.ndarray, np.ndarray]:
+    """Random tokens of documents of `sizes` one after another, and their segment ids."""
+    data = np.random.default_rng(seed).integers(0, 64, sum(sizes), dtype=np.uint8)
+    return data, np.repeat(np.arange(1, len(sizes) + 1), sizes)
+
+
+def test_each_document_is_one_stream_read_alone(megalodon) -> None:
+    """Oracle: each document alone in one uncached forward over its whole length."""
+    _, model, params = megalodon
+    # Shorter than a call, exactly one call of targets, spanning several calls, one token
+    # (nothing to predict); more documents than streams.
+    sizes = [5, 17, 1, 40, 2, 17, 5]
+    data, ids = _documents(sizes)
+    calls = []
+    got = context_curve.carried_document_losses(
+        model,
+        params,
+        data,
+        ids,
+        num_streams=3,
+        call_length=16,
+        edges=_per_token(39),
+        progress=lambda done, total: calls.append((done, total)),
+    )
+    forward = jax.jit(lambda x: model.apply({"params": params}, x)[0])
+    want, count = np.zeros(39), np.zeros(39)
+    for doc in np.split(data.astype(np.int32), np.cumsum(sizes)[:-1]):
+        if doc.size > 1:
+            logits = forward(doc[None, :-1])
+            want[: doc.size - 1] += np.asarray(token_cross_entropy(logits, doc[None, 1:]))[0]
+            count[: doc.size - 1] += 1
+    np.testing.assert_allclose(got.nll, want, rtol=2e-5, atol=1e-6)
+    np.testing.assert_array_equal(got.count, count)
+    # Groups (40, 17, 17) in 3 calls and (5, 5, 2) in 1; progress counts scored targets.
+    targets = sum(n - 1 for n in sizes)
+    assert [total for _, total in calls] == [targets] * 4
+    assert calls[-1][0] == targets and [d for d, _ in calls] == sorted(d for d, _ in calls)
+
+
+def test_documents_without_a_pair_to_score_are_refused(megalodon) -> None:
+    _, model, params = megalodon
+    data, ids = _documents([1, 1, 1])
+    with pytest.raises(ValueError, match="none of the 3 documents holds two tokens"):
+        context_curve.carried_document_losses(model, params, data, ids)
+    with pytest.raises(ValueError, match="must match the tokens"):
+        context_curve.carried_document_losses(model, params, data, ids[:2])

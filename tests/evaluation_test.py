@@ -6,6 +6,7 @@ Oracle: one uncached forward over the whole stream (or each window), summed in f
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -36,9 +37,14 @@ def model_and_params():
     return model, noisy
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _logits(model, params, inputs: jax.Array) -> jax.Array:
+    return model.apply({"params": params}, inputs)[0]
+
+
 def _one_shot_nll(model, params, stream: np.ndarray) -> float:
     """Sum of -log p(x[t+1] | x[:t+1]) from one uncached forward over the whole stream."""
-    logits, _ = model.apply({"params": params}, jnp.asarray(stream[None, :-1], jnp.int32))
+    logits = _logits(model, params, jnp.asarray(stream[None, :-1], jnp.int32))
     logp = np.asarray(jax.nn.log_softmax(logits[0]), np.float64)
     return float(-logp[np.arange(stream.size - 1), stream[1:]].sum())
 
@@ -62,6 +68,28 @@ def test_parallel_streams_are_independent_streams(model_and_params):
     expected = sum(_one_shot_nll(model, params, h) for h in halves)
     assert result.num_tokens == 200
     np.testing.assert_allclose(result.nll_sum, expected, rtol=2e-5)
+
+
+def test_documents_are_streams_each_scored_alone(model_and_params):
+    """Oracle: the sum over documents of each one alone in one uncached forward; with
+    `max_bytes`, the documents before the cut and the cut one up to it."""
+    model, params = model_and_params
+    sizes = [30, 7, 50, 7, 30]  # more documents than streams, shorter than a call, longer
+    data = np.random.default_rng(3).integers(0, 256, sum(sizes)).astype(np.uint8)
+    segment_ids = np.repeat(np.arange(1, 6), sizes)
+    docs = np.split(data, np.cumsum(sizes)[:-1])
+    result = stream_eval(
+        model, params, data, segment_ids=segment_ids, call_length=16, num_streams=2
+    )
+    assert result.num_tokens == data.size - len(sizes)
+    expected = sum(_one_shot_nll(model, params, d) for d in docs)
+    np.testing.assert_allclose(result.nll_sum, expected, rtol=2e-5)
+    cut = stream_eval(
+        model, params, data, segment_ids=segment_ids, call_length=16, num_streams=2, max_bytes=57
+    )
+    assert cut.num_tokens == 29 + 6 + 19
+    expected = sum(_one_shot_nll(model, params, d) for d in [docs[0], docs[1], docs[2][:20]])
+    np.testing.assert_allclose(cut.nll_sum, expected, rtol=2e-5)
 
 
 def test_window_eval_matches_independent_windows(model_and_params):

@@ -8,7 +8,8 @@ evaluation tokens.
   validation or test split), so its numbers compare with the default's.
 * `source='text_files'`: the documents of `text_paths` (`documents.TextFiles`), the last
   `eval_fraction` of them held out; training packs the rest, evaluation reads windows of
-  the held-out documents one after another, each document from a fresh state (segment ids).
+  the held-out documents one after another, each document from a fresh state (segment ids);
+  stream evaluation reads each held-out document as one stream from a fresh state.
 """
 
 from __future__ import annotations
@@ -110,10 +111,10 @@ def load(config: Any, process_index: int, process_count: int) -> TrainingData:
     eval_segment_ids = np.repeat(
         np.arange(1, len(pieces) + 1, dtype=np.int32), [p.size for p in pieces]
     )
-    if eval_tokens.size < 2:
+    if all(p.size < 2 for p in pieces):  # no token to predict from within its document
         raise documents.CorpusError(
             f"the {len(eval_ids)} held-out documents of {corpus} hold {eval_tokens.size} "
-            "tokens: raise config.data.eval_fraction"
+            "tokens, none two in one document: raise config.data.eval_fraction"
         )
     logging.info("%s: %d training, %d held-out documents", corpus, len(train_ids), len(eval_ids))
     return TrainingData(

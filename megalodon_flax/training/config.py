@@ -185,12 +185,13 @@ class EvalConfig(Section):
     batch_size: int = _field(16, _ge(1))
     # Split evaluated: 'validation' or 'test'.
     split: str = _field("validation", _one_of("validation", "test"))
-    # 'window' (fresh state per seq_len window), 'stream' (state carried over the split,
-    # constant memory) or 'both'.
+    # 'window' (fresh state per seq_len window), 'stream' (state carried over the split, or
+    # over each held-out text_files document from a fresh state; constant memory) or 'both'.
     mode: str = _field("window", _one_of("window", "stream", "both"))
-    # Stream evaluation: bytes of the split to read (-1: all of it).
+    # Stream evaluation: the first tokens (bytes without a tokenizer) of the split or of the
+    # held-out documents, the document it cuts read up to the cut (-1: all of them).
     stream_max_bytes: int = _field(262_144, ((lambda v: v == -1 or v >= 2), "-1 or >= 2"))
-    # Stream evaluation: contiguous streams scored in parallel as one batch.
+    # Stream evaluation: contiguous streams (text_files: documents) read in parallel.
     stream_num_streams: int = _field(1, _ge(1))
 
 
@@ -362,12 +363,6 @@ class TrainConfig(Section):
             raise ConfigError(
                 "config.data.source='text_files' needs config.data.text_paths (a folder, files "
                 "or globs, comma-separated)"
-            )
-        if data.source == "text_files" and self.eval.mode != "window":
-            raise ConfigError(
-                f"config.eval.mode={self.eval.mode!r}: stream evaluation of held-out text_files "
-                "documents (one stream per document) is not built yet; use 'window', which "
-                "reads each document from a fresh state"
             )
         if data.source != "enwik8" and data.documents != "windows":
             raise ConfigError(

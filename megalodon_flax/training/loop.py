@@ -276,6 +276,7 @@ def _train_locked(config: TrainConfig, workdir: epath.Path, setup: TrainingSetup
                     setup.model,
                     state.params,
                     eval_data,
+                    segment_ids=data.eval_segment_ids,
                     num_streams=config.eval.stream_num_streams,
                     max_bytes=None
                     if config.eval.stream_max_bytes == -1

@@ -1,5 +1,6 @@
 """Tokenizer files: our wrappers against the libraries that made them (the oracle), the UTF-8
-policy, the vocabulary check, and a packed training run with a tokenizer."""
+policy, the vocabulary check, and a packed training run with a tokenizer (window and stream
+evaluation of its held-out documents)."""
 
 from __future__ import annotations
 
@@ -7,12 +8,16 @@ import json
 import math
 from pathlib import Path
 
+import flax.linen as nn
+import jax
 import numpy as np
 import pytest
 
+from megalodon_flax import families
 from megalodon_flax.data import tokenization
 from megalodon_flax.data.tokenization import TokenizerError
 from megalodon_flax.training import loop
+from megalodon_flax.training.metrics import token_cross_entropy
 from megalodon_flax.training.setup import setup_training
 from tests import helpers
 from tests.factories import tiny_train_config
@@ -166,6 +171,45 @@ def test_packed_run_with_a_tokenizer_reports_bits_per_byte_and_decodes_samples(
     )
     with pytest.raises(TokenizerError, match=r"has 30 tokens but the model's vocabulary holds 16"):
         loop.train_and_evaluate(narrow, str(tmp_path / "narrow"))
+
+
+@pytest.mark.slow  # a second training run, 27-37 s on two CPU cores
+def test_stream_evaluation_with_a_tokenizer_reads_each_held_out_document_alone(
+    tmp_path: Path, spm_model: str
+) -> None:
+    """Oracle: each held-out document's sentencepiece ids alone in one uncached forward."""
+    import sentencepiece
+
+    corpus = _corpus(tmp_path / "corpus")
+    config = tiny_train_config(
+        data={
+            "source": "text_files",
+            "text_paths": str(corpus),
+            "tokenizer": spm_model,
+            "eval_fraction": 0.05,
+        },
+        model={"vocab_size": 64},
+        num_train_steps=2,
+        eval={"every_steps": 2, "mode": "stream", "stream_num_streams": 2},
+        checkpoint={"every_steps": 2},
+        sampling={"every_steps": 0},
+    )
+    workdir = tmp_path / "run"
+    state = loop.train_and_evaluate(config, str(workdir))
+    lib = sentencepiece.SentencePieceProcessor(model_file=spm_model)
+    held_out = _lines(60, seed=3)[-3:]  # eval_fraction 0.05 of 60 documents: the last 3
+    ids = [np.asarray(lib.encode(t), np.int32)[None] for t in held_out]
+    tokens = sum(d.size for d in ids)
+    nbytes = sum(len(t.encode()) for t in held_out)
+    model = families.build_model(config.model)
+    params = nn.unbox(state.params)
+    forward = jax.jit(lambda x: model.apply({"params": params}, x)[0])
+    nll = sum(float(token_cross_entropy(forward(d[:, :-1]), d[:, 1:]).sum()) for d in ids)
+    per_token = helpers.read_scalars(workdir, "eval_stream_bits_per_token")[2]
+    assert per_token == pytest.approx(nll / (tokens - len(ids)) / math.log(2), rel=1e-5)
+    per_byte = helpers.read_scalars(workdir, "eval_stream_bits_per_byte")[2]
+    assert per_byte == pytest.approx(per_token * tokens / nbytes, rel=1e-6)
+    assert not helpers.read_scalars(workdir, "eval_bits_per_token")  # no window evaluation
 
 
 def test_ids_outside_the_vocabulary_decode_to_replacement_characters(spm_model: str) -> None:

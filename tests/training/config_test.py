@@ -37,7 +37,7 @@ from megalodon_flax.training import config as train_config
 from megalodon_flax.training import loop
 from megalodon_flax.training.config import TrainConfig
 from tests import helpers
-from tests.factories import tiny_train_config, tiny_train_config_dict
+from tests.factories import tiny_llama_train_mapping, tiny_train_config, tiny_train_config_dict
 
 CONFIG_FILE = helpers.REPO_ROOT / "configs" / "megalodon.py"
 
@@ -375,8 +375,12 @@ def test_data_source_fields_must_agree() -> None:
     TrainConfig.from_mapping(_with("data.documents", "pages"))  # enwik8 pages: valid
 
 
-def test_text_files_refuse_stream_evaluation() -> None:
-    c = _with("data.source", "text_files")
-    c.data.text_paths = "corpus/"
-    c.eval.mode = "stream"
-    _expect_invalid(c, r"eval.mode='stream': stream evaluation of held-out text_files")
+def test_text_files_take_every_evaluation_mode_with_a_state_carrying_model() -> None:
+    for mode in ("window", "stream", "both"):
+        c = _with("data.source", "text_files")
+        c.data.text_paths = "corpus/"
+        c.eval.mode = mode
+        assert TrainConfig.from_mapping(c).eval.mode == mode
+    d = tiny_llama_train_mapping(eval={"mode": "stream"})  # a bounded context: no stream
+    d["data"].update(source="text_files", text_paths="corpus/")
+    _expect_invalid(d, r"eval.mode='stream' needs a model with carried state")
