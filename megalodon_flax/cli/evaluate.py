@@ -74,6 +74,12 @@ def _split_bytes(run: checkpointing.TrainedRun) -> np.ndarray:
             f"evaluate scores enwik8 bytes, but this run reads tokens of {data_config.tokenizer}; "
             "its held-out evaluation (eval_bits_per_byte) is in its training logs"
         )
+    if data_config.source != "enwik8":
+        common.fail(
+            "evaluate scores enwik8 bytes, but this run trained on "
+            f"data.source={data_config.source!r} ({data_config.text_paths}); its held-out "
+            "documents are evaluated in its training logs (eval_*)"
+        )
     try:
         data = enwik8.load_enwik8_splits(
             data_config.data_dir, data_config.manual_dir, data_config.allow_sample_fallback

@@ -230,3 +230,14 @@ def test_evaluate_cli_refuses_a_run_that_reads_tokens(spm_model: str) -> None:
     )
     with pytest.raises(SystemExit, match=r"evaluate scores enwik8 bytes.*sp\.model"):
         evaluate._split_bytes(types.SimpleNamespace(config=config))
+
+
+def test_evaluate_cli_refuses_a_byte_run_on_text_files() -> None:
+    """A byte-level text_files run would be scored on enwik8, not on its held-out documents."""
+    import types
+
+    from megalodon_flax.cli import evaluate
+
+    config = tiny_train_config(data={"source": "text_files", "text_paths": "corpus/*.txt"})
+    with pytest.raises(SystemExit, match=r"data.source='text_files' \(corpus/\*\.txt\)"):
+        evaluate._split_bytes(types.SimpleNamespace(config=config))
