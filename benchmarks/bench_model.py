@@ -45,7 +45,8 @@ from benchmarks.common import (
     str_list,
     table,
 )
-from megalodon_flax.megalodon.cema import cema, cema_coefficients
+from megalodon_flax.megalodon.cema import cema
+from megalodon_flax.megalodon.cema_powers import cema_coefficients
 from tests.reference import megalodon_jax_bridge
 
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -37,7 +37,7 @@ import megalodon_flax as mf
 from benchmarks import common
 from benchmarks.bench_model import OursModel, PeerModel, TrainRunner, run_cases
 from megalodon_flax.layers.segments import packed_target_weights, segments_from_ids
-from megalodon_flax.megalodon import cema
+from megalodon_flax.megalodon import cema, cema_powers, cema_resets
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_OUT = os.path.join(HERE, "results", "bench_packing.json")
@@ -138,7 +138,7 @@ def _cema_case(
     ]
 
     def objective(raw: list[jax.Array], x: jax.Array) -> jax.Array:
-        return jnp.sum(jnp.sin(y_fn(cema.cema_coefficients(*raw), x)))
+        return jnp.sum(jnp.sin(y_fn(cema_powers.cema_coefficients(*raw), x)))
 
     grad = jax.jit(jax.value_and_grad(objective, argnums=(0, 1)))
     holder: dict[str, Any] = {}
@@ -168,7 +168,7 @@ def cema_section(args: argparse.Namespace, log: Callable[[str], None]) -> list[d
             (
                 f"blocked resets, T={size}",
                 functools.partial(
-                    lambda c, x, size: cema.cema_blocked_resets(c, x, seg.position, size),
+                    lambda c, x, size: cema_resets.cema_blocked_resets(c, x, seg.position, size),
                     size=size,
                 ),
             )

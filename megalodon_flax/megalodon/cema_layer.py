@@ -9,7 +9,8 @@ import jax.numpy as jnp
 from megalodon_flax.layers import initializers
 from megalodon_flax.layers.segments import Segments
 from megalodon_flax.megalodon import context_parallel
-from megalodon_flax.megalodon.cema import cema, cema_coefficients
+from megalodon_flax.megalodon.cema import cema
+from megalodon_flax.megalodon.cema_powers import cema_coefficients
 
 
 class CEMA(nn.Module):

@@ -3,17 +3,21 @@
 Attention is block-diagonal causal: a query at absolute time t sees keys s ≤ t of the same
 chunk floor(s/C) = floor(t/C). Scores q·k carry no 1/sqrt(Dh) (Q/K are normalized) and
 accumulate in float32; the softmax is float32; a row with no visible key outputs zeros.
+Packed rows (segment ids) give each run its own chunk grid; split over a context axis, each
+shard takes the previous shard's last chunk of keys and values (`sharded_packed_attention`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from megalodon_flax.layers.attention import MASKED_SCORE, DropoutFn, masked_attention
 from megalodon_flax.layers.segments import Segments
+from megalodon_flax.megalodon import context_parallel
 from megalodon_flax.megalodon.cache import AttentionCache
 
 
@@ -94,6 +98,42 @@ def packed_chunked_attention(
       (B, L, H, Dv) in compute_dtype.
     """
     batch, length = q.shape[:2]
+    index = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+    tokens = _PackedTokens(index, segments.position, segments.valid)
+    return _packed_band_attention(q, k, v, chunk_size, tokens, None, compute_dtype, prob_dropout)
+
+
+class _PackedTokens(NamedTuple):
+    """Where tokens lie in packed rows, each (B, T): index, the row position; position,
+    within the run; valid, not padding."""
+
+    index: jax.Array
+    position: jax.Array
+    valid: jax.Array
+
+
+class _Halo(NamedTuple):
+    """The C tokens before a context shard: keys (B, C, H, Dh), values (B, C, H, Dv) and
+    where they lie."""
+
+    keys: jax.Array
+    values: jax.Array
+    tokens: _PackedTokens
+
+
+def _packed_band_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    chunk_size: int,
+    tokens: _PackedTokens,
+    halo: _Halo | None,
+    compute_dtype,
+    prob_dropout: DropoutFn | None,
+) -> jax.Array:
+    """`packed_chunked_attention` of q, k (B, L, H, Dh), v (B, L, H, Dv) at `tokens`, the keys
+    before the first query block taken from `halo` (None: the row starts there)."""
+    batch, length = q.shape[:2]
     parts = PACKED_QUERY_BLOCKS if chunk_size % PACKED_QUERY_BLOCKS == 0 else 1
     size = chunk_size // parts
     num_blocks = -(-length // size)
@@ -103,27 +143,111 @@ def packed_chunked_attention(
         a = jnp.pad(a, ((0, 0), (0, pad)) + ((0, 0),) * (a.ndim - 2), constant_values=fill)
         return a.reshape((batch, num_blocks, size, *a.shape[2:]))
 
-    def band(a: jax.Array, fill=0) -> jax.Array:  # (B, n, S, ·) → (B, n, (parts + 1)·S, ·)
-        widths = ((0, 0), (parts, 0)) + ((0, 0),) * (a.ndim - 2)
-        before = jnp.pad(a, widths, constant_values=fill)
+    def band(a: jax.Array, fill=0, front: jax.Array | None = None) -> jax.Array:
+        """(B, n, S, ·) → (B, n, (parts + 1)·S, ·), the `front` (B, C, ·) tokens before the
+        row (`fill` without one) ahead of the first blocks."""
+        if front is None:
+            widths = ((0, 0), (parts, 0)) + ((0, 0),) * (a.ndim - 2)
+            before = jnp.pad(a, widths, constant_values=fill)
+        else:
+            front = front.reshape((batch, parts, size, *front.shape[2:]))
+            before = jnp.concatenate([front, a], axis=1)
         return jnp.concatenate([before[:, j : j + num_blocks] for j in range(parts + 1)], axis=2)
 
-    run = blocks(segments.run_start, -1)  # padding after L: a run of its own
-    local_chunk = blocks(segments.position // chunk_size)
-    valid = blocks(segments.valid)
-    index = blocks(jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length)), length)
+    def fields(t: _PackedTokens) -> tuple[jax.Array, ...]:  # run start, run chunk, index, valid
+        return t.index - t.position, t.position // chunk_size, t.index, t.valid
+
+    # Padding after L: a run of its own (queries); padding before the row: no run (keys).
+    query_fills, key_fills = (-1, 0, length, False), (-2, 0, 0, False)
+    run, chunk, index, valid = map(blocks, fields(tokens), query_fills)
+    fronts = (None,) * 4 if halo is None else fields(halo.tokens)
+    run_k, chunk_k, index_k, valid_k = map(band, (run, chunk, index, valid), key_fills, fronts)
     allowed = (
-        (band(run, -2)[:, :, None, :] == run[..., None])
-        & (band(local_chunk)[:, :, None, :] == local_chunk[..., None])
-        & (band(index)[:, :, None, :] <= index[..., None])
-        & band(valid)[:, :, None, :]
+        (run_k[:, :, None, :] == run[..., None])
+        & (chunk_k[:, :, None, :] == chunk[..., None])
+        & (index_k[:, :, None, :] <= index[..., None])
+        & valid_k[:, :, None, :]
         & valid[..., None]
     )  # (B, n, S, (parts + 1)·S)
-    keys, values = band(blocks(k)), band(blocks(v))
+    keys = band(blocks(k), front=None if halo is None else halo.keys)
+    values = band(blocks(v), front=None if halo is None else halo.values)
     out = masked_attention(
         blocks(q), keys, values, allowed[:, :, None], compute_dtype, prob_dropout
     )
     return out.reshape((batch, num_blocks * size, *out.shape[3:]))[:, :length]
+
+
+def sharded_packed_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    chunk_size: int,
+    segments: Segments,
+    split: context_parallel.ContextSplit,
+    compute_dtype=jnp.float32,
+    dropout_rate: float = 0.0,
+    dropout_key: jax.Array | None = None,
+) -> jax.Array:
+    """`packed_chunked_attention` with L split as `split` says; `segments` is the run layout
+    of the whole rows.
+
+    A query's keys lie within the C − 1 row positions before it, so each shard receives the
+    previous shard's last C keys and values with their run positions and validity (a halo,
+    by `ContextSplit.from_previous`; shard 0 receives padding) and attends over them and its
+    own. Row positions are global, so every run keeps its own chunk grid across shards.
+
+    Args:
+      q, k: (B, L, H, Dh); v: (B, L, H, Dv).
+      chunk_size: C; every shard must hold at least C tokens.
+      dropout_rate, dropout_key: probability dropout, from the key folded with the shard's
+        index (None: no dropout).
+
+    Returns:
+      (B, L, H, Dv) in compute_dtype.
+
+    Raises:
+      ValueError: If a shard holds fewer than C tokens.
+    """
+    length = q.shape[1]
+    if length // split.size < chunk_size:
+        raise ValueError(
+            f"packed rows split over a context axis need at least chunk_size = {chunk_size} "
+            f"tokens per shard, got {length} tokens over {split.size} shards"
+        )
+
+    def body(q, k, v, segments: Segments, key: jax.Array | None) -> jax.Array:
+        batch, shard = q.shape[:2]
+        offset = jax.lax.axis_index(split.axis) * shard
+        index = offset + jnp.arange(shard, dtype=jnp.int32)
+        tokens = _PackedTokens(
+            jnp.broadcast_to(index, (batch, shard)), segments.position, segments.valid
+        )
+        code = jnp.where(segments.valid, segments.position + 1, 0)  # 0: padding
+        tail = (k[:, -chunk_size:], v[:, -chunk_size:], code[:, -chunk_size:])
+        keys, values, code = split.from_previous(tail)
+        before = jnp.broadcast_to(index[:chunk_size] - chunk_size, (batch, chunk_size))
+        halo = _Halo(keys, values, _PackedTokens(before, code - 1, code > 0))
+        drop = None
+        if key is not None:
+            drop = _keyed_dropout(dropout_rate, jax.random.fold_in(key, split.shard_index()))
+        return _packed_band_attention(q, k, v, chunk_size, tokens, halo, compute_dtype, drop)
+
+    seq = split.spec("batch", "length", None, None)
+    in_specs = (seq, seq, seq, split.spec("batch", "length"))
+    if dropout_key is None:
+        run = split.map(lambda *a: body(*a, None), in_specs, seq)
+        return run(q, k, v, segments)
+    return split.map(body, (*in_specs, split.spec()), seq)(q, k, v, segments, dropout_key)
+
+
+def _keyed_dropout(rate: float, key: jax.Array) -> DropoutFn:
+    """Dropout at `rate` drawn from `key`, as `flax.linen.Dropout` draws it."""
+
+    def drop(probs: jax.Array) -> jax.Array:
+        keep = jax.random.bernoulli(key, 1.0 - rate, probs.shape)
+        return jnp.where(keep, probs / (1.0 - rate), jnp.zeros((), probs.dtype))
+
+    return drop
 
 
 def resolve_attention_impl(impl: str) -> str:

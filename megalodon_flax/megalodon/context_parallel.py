@@ -6,8 +6,11 @@ tokens. Attention, RoPE and every per-token layer are local to a shard when L/P 
 of the chunk size. What crosses shards is the state of the two recurrences, TimestepNorm and
 CEMA: each shard reduces its tokens to a small summary, one all-gather over the axis shares the
 summaries, and each shard folds the summaries of the shards before it into its incoming state
-(an exclusive prefix). This module holds the mesh-facing pieces; `timestep_norm` and `cema`
-hold the summaries and their merges.
+(an exclusive prefix). Over packed rows a summary also says whether its shard holds a run
+start, which cuts the fold, and attention takes the previous shard's last chunk of keys and
+values (a run crossing the boundary keeps its own chunk grid). This module holds the
+mesh-facing pieces; `timestep_norm`, `cema` and `chunked_attention` hold the summaries, their
+merges and the halo attention.
 """
 
 from __future__ import annotations
@@ -58,9 +61,32 @@ class ContextSplit:
         names = (self.axis, *self.batch)
         return jax.tree.map(lambda a: jax.lax.pcast(a, names, to="varying"), tree)
 
+    @property
+    def size(self) -> int:
+        """P, the devices of the time axis in the active mesh."""
+        return jax.sharding.get_abstract_mesh().shape[self.axis]
+
     def gather(self, tree: T) -> T:
-        """Every shard's `tree` stacked on a new leading axis of size P (alike on all shards)."""
-        return jax.tree.map(lambda a: jax.lax.all_gather(a, self.axis, to="invarying"), tree)
+        """Every shard's `tree` stacked on a new leading axis of size P (alike on all shards).
+
+        Boolean leaves travel as int32 (collectives of booleans are not supported everywhere).
+        """
+
+        def gathered(a: jax.Array) -> jax.Array:
+            if a.dtype == jnp.bool_:
+                return jax.lax.all_gather(a.astype(jnp.int32), self.axis, to="invarying") > 0
+            return jax.lax.all_gather(a, self.axis, to="invarying")
+
+        return jax.tree.map(gathered, tree)
+
+    def from_previous(self, tree: T) -> T:
+        """Shard i − 1's `tree` on shard i, zeros on shard 0 (one `ppermute` per leaf)."""
+        pairs = [(i, i + 1) for i in range(jax.lax.axis_size(self.axis) - 1)]
+        return jax.tree.map(lambda a: jax.lax.ppermute(a, self.axis, pairs), tree)
+
+    def shard_index(self) -> jax.Array:
+        """() int32: this shard's index over the batch axes and the time axis together."""
+        return jax.lax.axis_index((*self.batch, self.axis))
 
     def exclusive_fold(self, gathered: T, combine: Callable[[T, T], T], identity: T) -> tuple[T, T]:
         """Folds gathered per-shard summaries in shard order.

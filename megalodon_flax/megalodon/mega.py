@@ -24,6 +24,7 @@ from megalodon_flax.megalodon.chunked_attention import (
     VALUE_RING,
     chunked_attention,
     packed_chunked_attention,
+    sharded_packed_attention,
     streaming_attention,
     updated_ring,
 )
@@ -67,7 +68,7 @@ class MovingAverageGatedAttention(nn.Module):
             return nn.Dropout(rate)(a, deterministic=False)
 
         split = None
-        if cache is None and not return_cache and segments is None:
+        if cache is None and not return_cache:
             split = context_parallel.active_split(batch, length)
         x_tn, norm_state = TimestepNorm(
             cfg.norm_num_groups, cfg.norm_eps, cfg.timestep_norm_variant, name="timenorm"
@@ -127,7 +128,12 @@ class MovingAverageGatedAttention(nn.Module):
             prob_dropout = None
             if cfg.attention_dropout > 0.0 and not deterministic:
                 prob_dropout = nn.Dropout(cfg.attention_dropout, deterministic=False)
-            if segments is not None:
+            if segments is not None and split is not None:
+                key = None if prob_dropout is None else self.make_rng("dropout")
+                o = sharded_packed_attention(
+                    q, k, v, cfg.chunk_size, segments, split, cd, cfg.attention_dropout, key
+                )
+            elif segments is not None:
                 o = packed_chunked_attention(q, k, v, cfg.chunk_size, segments, cd, prob_dropout)
             else:
                 o = chunked_attention(

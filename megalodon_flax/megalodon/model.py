@@ -123,7 +123,7 @@ class MegalodonModel(nn.Module):
                 new_layers.append(layer_cache)
             new_layers = tuple(new_layers)
         split = None
-        if cache is None and not return_cache and segments is None:
+        if cache is None and not return_cache:
             split = context_parallel.active_split(*tokens.shape)
         final_cache = None if cache is None else cache.final_norm
         x, final_state = self.norm(x, final_cache, mask, split, segments)
@@ -308,7 +308,11 @@ def _packed_segments(
     attention_mask: jax.Array | None,
     cache: ModelCache | None,
 ) -> Segments:
-    """The run layout of checked segment ids; raises for what packed rows cannot take."""
+    """The run layout of checked segment ids; raises for what packed rows cannot take.
+
+    A context split needs at least `chunk_size` tokens per shard (`sharded_packed_attention`
+    says so when it is traced).
+    """
     if attention_mask is not None or cache is not None:
         raise ValueError(
             "segment_ids cannot be combined with attention_mask (segment 0 is the padding) "
@@ -316,10 +320,7 @@ def _packed_segments(
         )
     if config.timestep_norm_variant != "upstream":
         raise ValueError("segment_ids need timestep_norm_variant='upstream'")
-    if context_parallel.active_split(*shape) is not None:
-        raise NotImplementedError(
-            "packed rows (segment_ids) cannot be split over a context mesh axis yet"
-        )
+    # The layout of the whole rows, before any split: positions count from each run's start.
     return segments_from_ids(check_segment_ids(segment_ids, shape))
 
 

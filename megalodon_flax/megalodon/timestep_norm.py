@@ -9,7 +9,9 @@ and leave the statistics untouched.
 
 Split over a `context` mesh axis (`context_parallel`), each shard reduces its timesteps to one
 summary (count, mean, M2) per row and group; the summaries of the shards before it, merged in
-order with Chan's formula, are the shard's incoming state.
+order with Chan's formula, are the shard's incoming state. Over packed rows a shard's summary
+counts from its last run start and is flagged when it holds one; a flagged summary discards
+what came before it (`norm_summaries`).
 """
 
 from __future__ import annotations
@@ -22,11 +24,21 @@ from flax import struct
 from megalodon_flax.layers import initializers
 from megalodon_flax.layers.segments import Segments
 from megalodon_flax.megalodon import context_parallel
+from megalodon_flax.megalodon.norm_summaries import (
+    SUMMARY_BLOCK,
+    Summary,
+    chan_merge,
+    from_blocks,
+    group_summary,
+    packed_shard_summary,
+    packed_statistics,
+    segmented_merge,
+    shard_summary,
+    to_blocks,
+)
 
 # The count is kept in two int32 limbs of COUNT_LIMB: exact up to 2^61 timesteps.
 COUNT_LIMB = 1 << 30
-# (count, mean, M2) per row and group, each (B, G) float32.
-Summary = tuple[jax.Array, jax.Array, jax.Array]
 
 
 @struct.dataclass
@@ -91,42 +103,8 @@ def _two_sum(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
     return s, (a - (s - bb)) + (b - bb)
 
 
-def _chan_merge(
-    left: tuple[jax.Array, jax.Array, jax.Array], right: tuple[jax.Array, jax.Array, jax.Array]
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Merges summaries (n, mean, M2); an empty side returns the other side exactly."""
-    n_l, mu_l, m2_l = left
-    n_r, mu_r, m2_r = right
-    n = n_l + n_r
-    safe_n = jnp.where(n > 0, n, 1.0)
-    delta = mu_r - mu_l
-    mu = mu_l + delta * (n_r / safe_n)
-    m2 = m2_l + m2_r + delta * delta * (n_l * n_r / safe_n)
-    mu = jnp.where(n_l == 0, mu_r, jnp.where(n_r == 0, mu_l, mu))
-    m2 = jnp.where(n_l == 0, m2_r, jnp.where(n_r == 0, m2_l, m2))
-    return n, mu, m2
-
-
-# Timesteps per block of the running summaries: prefix sums inside a block, Chan merges of
-# whole blocks in a sequential loop. Both compile to a handful of ops (a parallel prefix over
-# all L timesteps unrolls into O(log L) stages of slices and merges, and compiled 10× slower).
-SUMMARY_BLOCK = 128
 # Calls at least this long hide their all-valid mask from XLA's constant folding.
 OPAQUE_MASK_FROM = 1 << 14
-
-
-def _to_blocks(a: jax.Array, size: int) -> jax.Array:
-    """(B, L, G) → (nb, B, S, G): L zero-padded to blocks of `size` timesteps."""
-    batch, length, groups = a.shape
-    blocks = -(-length // size)
-    a = jnp.pad(a, ((0, 0), (0, blocks * size - length), (0, 0)))
-    return a.reshape(batch, blocks, size, groups).transpose(1, 0, 2, 3)
-
-
-def _from_blocks(a: jax.Array, length: int) -> jax.Array:
-    """(nb, B, S, G) → (B, L, G), the padding dropped."""
-    blocks, batch, size, groups = a.shape
-    return a.transpose(1, 0, 2, 3).reshape(batch, blocks * size, groups)[:, :length]
 
 
 def _running_summaries(
@@ -149,7 +127,7 @@ def _running_summaries(
     into the carried summary with Chan's formula in a loop over the L/SUMMARY_BLOCK blocks.
     """
     length = elems[0].shape[1]
-    n, mu, m2 = (_to_blocks(a, min(SUMMARY_BLOCK, length)) for a in elems)
+    n, mu, m2 = (to_blocks(a, min(SUMMARY_BLOCK, length)) for a in elems)
     count = jnp.sum(n, axis=2, keepdims=True)
     center = jnp.sum(n * mu, axis=2, keepdims=True) / jnp.where(count > 0, count, 1.0)
     d = jnp.where(n > 0, mu - center, 0.0)
@@ -161,15 +139,15 @@ def _running_summaries(
     totals = tuple(a[:, :, -1] for a in local)  # (nb, B, G)
 
     def step(carry, block_total):
-        merged = _chan_merge(carry, block_total)
+        merged = chan_merge(carry, block_total)
         return merged, carry
 
     _, before = jax.lax.scan(step, incoming, totals)  # summary before each block
     before = tuple(a[:, :, None] for a in before)
-    n_tot, mean, m2_tot = _chan_merge(before, local)
+    n_tot, mean, m2_tot = chan_merge(before, local)
 
-    n_call = _from_blocks(local[0] + (jnp.cumsum(count, axis=0) - count), length)
-    return (*(_from_blocks(a, length) for a in (n_tot, mean, m2_tot)), n_call)
+    n_call = from_blocks(local[0] + (jnp.cumsum(count, axis=0) - count), length)
+    return (*(from_blocks(a, length) for a in (n_tot, mean, m2_tot)), n_call)
 
 
 def _anchored_statistics(
@@ -216,72 +194,9 @@ def _anchored_statistics(
     n_tot, mean, m2, n_call = _running_summaries(elems, incoming)
     # Before the first valid step of the call the incoming variance is kept bit-exact.
     var = jnp.where(n_call > 0, m2 / jnp.where(n_tot > 0, n_tot, 1.0), state.var[:, None, :])
-    call = _group_summary(blk_mean, blk_var, valid)
+    call = group_summary(blk_mean, blk_var, valid)
     new_state = _absorbed(state, anchor[:, 0], call, jnp.sum(valid, axis=1, dtype=jnp.int32))
     return xg, anchor, mean, var, new_state
-
-
-def _segmented_merge(left: tuple, right: tuple) -> tuple:
-    """Merges (reset, n, mean, M2) summaries in time order: a right side that holds a run
-    start discards the left side."""
-    reset_l, *sum_l = left
-    reset_r, *sum_r = right
-    merged = _chan_merge(tuple(sum_l), tuple(sum_r))
-    kept = (jnp.where(reset_r, r, m) for r, m in zip(sum_r, merged, strict=True))
-    return (reset_l | reset_r, *kept)
-
-
-def _packed_statistics(
-    x: jax.Array, num_groups: int, segments: Segments
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Running statistics that restart at every run start of packed rows (spec §4.5).
-
-    Each run is anchored at its first timestep's group mean. Summaries are merged with
-    Chan's formula (a run start discards what came before) by a loop over the timesteps of
-    blocks of `SUMMARY_BLOCK`, all blocks at once, and a loop over the block totals.
-
-    Returns:
-      xg (B, L, G, gs) = x − anchor, mean − anchor (B, L, G) and var (B, L, G) float32 (1
-      where the run has no valid timestep yet).
-    """
-    batch, length, dim = x.shape
-    xg = x.astype(jnp.float32).reshape(batch, length, num_groups, dim // num_groups)
-    blk_mean = jnp.mean(xg, axis=-1)
-    first = jnp.take_along_axis(blk_mean, segments.run_start[..., None], axis=1)
-    anchor = jax.lax.stop_gradient(jnp.where(jnp.isfinite(first), first, 0.0))
-    xg = xg - anchor[..., None]
-    blk_mean = blk_mean - anchor
-    blk_var = jnp.mean(jnp.square(xg - blk_mean[..., None]), axis=-1)
-    v = segments.valid[..., None]
-    n = jnp.broadcast_to(v.astype(jnp.float32), blk_mean.shape)
-    reset = jnp.broadcast_to(segments.starts[..., None], blk_mean.shape)
-    elems = (reset, n, jnp.where(v, blk_mean, 0.0), jnp.where(v, blk_var, 0.0))
-
-    def running(carry, step_elems):
-        merged = _segmented_merge(carry, step_elems)
-        return merged, merged
-
-    # A loop over the timesteps of a block, all blocks at once: `lax.associative_scan` here
-    # compiled for 14 s per TimestepNorm on CPU.
-    size = min(SUMMARY_BLOCK, length)
-    by_step = tuple(jnp.moveaxis(_to_blocks(a, size), 2, 0) for a in elems)  # (S, nb, B, G)
-    start = tuple(jnp.zeros(a.shape[1:], a.dtype) for a in by_step)
-    _, local = jax.lax.scan(running, start, by_step)
-    local = tuple(jnp.moveaxis(a, 0, 2) for a in local)  # (nb, B, S, G)
-    totals = tuple(a[:, :, -1] for a in local)
-
-    def step(carry, block_total):
-        return _segmented_merge(carry, block_total), carry
-
-    zeros = jnp.zeros(totals[1].shape[1:], jnp.float32)
-    empty = (jnp.zeros(zeros.shape, bool), zeros, zeros, zeros)
-    _, before = jax.lax.scan(step, empty, totals)
-    before = tuple(a[:, :, None] for a in before)
-    _, count, mean, m2 = _segmented_merge(before, local)
-
-    count, mean, m2 = (_from_blocks(a, length) for a in (count, mean, m2))
-    var = jnp.where(count > 0, m2 / jnp.where(count > 0, count, 1.0), 1.0)
-    return xg, mean, var
 
 
 def _absorbed(state: NormState, anchor: jax.Array, call: Summary, added: jax.Array) -> NormState:
@@ -315,33 +230,6 @@ def _absorbed(state: NormState, anchor: jax.Array, call: Summary, added: jax.Arr
     )
 
 
-def shard_summary(x: jax.Array, num_groups: int, mask: jax.Array | None) -> Summary:
-    """(count, mean, M2) of the valid timesteps of x (B, L, D): each (B, G) float32.
-
-    A timestep counts once per group with its group mean and within-group variance, as in
-    the running statistics; M2 sums those variances and the squared deviations of the group
-    means from the summary's mean (two passes, no uncentered sums).
-    """
-    batch, length, dim = x.shape
-    xg = x.astype(jnp.float32).reshape(batch, length, num_groups, dim // num_groups)
-    valid = jnp.ones((batch, length), bool) if mask is None else mask.astype(bool)
-    blk_mean = jnp.mean(xg, axis=-1)
-    blk_var = jnp.mean(jnp.square(xg - blk_mean[..., None]), axis=-1)
-    return _group_summary(blk_mean, blk_var, valid)
-
-
-def _group_summary(blk_mean: jax.Array, blk_var: jax.Array, valid: jax.Array) -> Summary:
-    """(count, mean, M2) each (B, G) of per-timestep group means and variances (B, L, G)
-    over the `valid` (B, L) timesteps."""
-    v = valid[..., None]
-    count = jnp.broadcast_to(jnp.sum(v, axis=1, dtype=jnp.float32), blk_mean[:, 0].shape)
-    safe = jnp.where(count > 0, count, 1.0)
-    mean = jnp.sum(jnp.where(v, blk_mean, 0.0), axis=1) / safe
-    dev = jnp.square(blk_mean - mean[:, None])
-    m2 = jnp.sum(jnp.where(v, blk_var + dev, 0.0), axis=1)
-    return count, mean, m2
-
-
 def state_from_summary(summary: Summary) -> NormState:
     """The `NormState` after the timesteps a summary describes (fresh when it counts none)."""
     count, mean, m2 = summary
@@ -371,7 +259,7 @@ def sharded_normalize(
     def body(x: jax.Array, mask: jax.Array | None) -> tuple[jax.Array, NormState]:
         summary = shard_summary(x, num_groups, mask)
         empty = tuple(jnp.zeros(a.shape, a.dtype) for a in summary)  # the same on every shard
-        before, total = split.exclusive_fold(split.gather(summary), _chan_merge, empty)
+        before, total = split.exclusive_fold(split.gather(summary), chan_merge, empty)
         xg, _, mean, var, _ = _anchored_statistics(x, num_groups, state_from_summary(before), mask)
         y = (xg - mean[..., None]) * jax.lax.rsqrt(var[..., None] + eps)
         return y.reshape(*x.shape[:2], dim), state_from_summary(total)
@@ -381,6 +269,37 @@ def sharded_normalize(
     if mask is None:
         return split.map(lambda a: body(a, None), (seq,), out_specs)(x)
     return split.map(body, (seq, split.spec("batch", "length")), out_specs)(x, mask)
+
+
+def sharded_packed_normalize(
+    x: jax.Array,
+    num_groups: int,
+    segments: Segments,
+    eps: float,
+    split: context_parallel.ContextSplit,
+) -> jax.Array:
+    """Normalizes packed rows x (B, L, D) with L split as `split` says; `segments` is the run
+    layout of the whole rows (positions count from each run's start, wherever it lies).
+
+    Each shard reduces to its `packed_shard_summary`; the flagged merge of the summaries of
+    the shards before it is the state of the run that its first timesteps continue (dropped
+    past a run start), which `packed_statistics` merges before them.
+
+    Returns:
+      (x − mean)·rsqrt(var + eps) as (B, L, D) float32 (no affine, padding not zeroed).
+    """
+    dim = x.shape[-1]
+
+    def body(x: jax.Array, segments: Segments) -> jax.Array:
+        summary = packed_shard_summary(x, num_groups, segments)
+        empty = tuple(jnp.zeros(a.shape, a.dtype) for a in summary)  # the same on every shard
+        before, _ = split.exclusive_fold(split.gather(summary), segmented_merge, empty)
+        xg, mean, var = packed_statistics(x, num_groups, segments, before[1:])
+        y = (xg - mean[..., None]) * jax.lax.rsqrt(var[..., None] + eps)
+        return y.reshape(*x.shape[:2], dim)
+
+    seq = split.spec("batch", "length", None)
+    return split.map(body, (seq, split.spec("batch", "length")), seq)(x, segments)
 
 
 def timestep_norm_statistics(
@@ -455,9 +374,9 @@ class TimestepNorm(nn.Module):
         """x (B, L, D) → (y (B, L, D) in x's dtype, state after the call).
 
         `split` (from `context_parallel.active_split`) splits L over a mesh axis; the call
-        then starts from a fresh state. `segments` (packed rows) restarts the statistics at
-        every run start and zeroes the padding outputs; such a call starts fresh, runs
-        unsplit, needs variant='upstream' and returns no state.
+        then starts from a fresh state. `segments` (packed rows, the run layout of the whole
+        rows) restarts the statistics at every run start and zeroes the padding outputs; such
+        a call starts fresh, needs variant='upstream' and returns no state.
         """
         batch, length, dim = x.shape
         weight = self.param(
@@ -467,13 +386,16 @@ class TimestepNorm(nn.Module):
             "bias", nn.with_logical_partitioning(initializers.zeros, ("embed",)), (dim,)
         )
         if segments is not None:
-            if state is not None or split is not None or self.variant != "upstream":
+            if state is not None or self.variant != "upstream":
                 raise ValueError(
-                    "a TimestepNorm over packed rows (segments) starts from a fresh state, "
-                    f"runs unsplit and needs variant='upstream' (got variant={self.variant!r})"
+                    "a TimestepNorm over packed rows (segments) starts from a fresh state and "
+                    f"needs variant='upstream' (got variant={self.variant!r})"
                 )
-            xg, mean, var = _packed_statistics(x, self.num_groups, segments)
-            y = (xg - mean[..., None]) * jax.lax.rsqrt(var[..., None] + self.eps)
+            if split is None:
+                xg, mean, var = packed_statistics(x, self.num_groups, segments)
+                y = (xg - mean[..., None]) * jax.lax.rsqrt(var[..., None] + self.eps)
+            else:
+                y = sharded_packed_normalize(x, self.num_groups, segments, self.eps, split)
             mask, new_state = segments.valid, None
         elif split is not None:
             if state is not None or self.variant != "upstream":

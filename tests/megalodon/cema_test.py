@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from megalodon_flax.megalodon import cema, cema_layer
+from megalodon_flax.megalodon import cema, cema_layer, cema_powers
 from tests.reference import cema as reference
 
 pytestmark = pytest.mark.usefixtures("highest_precision")
@@ -57,7 +57,7 @@ def _random_state(seed: int, batch: int = B, dim: int = D, ndim: int = N) -> np.
 
 
 def _coeffs(params: dict[str, jax.Array]) -> cema.CemaCoefficients:
-    return cema.cema_coefficients(*(params[name] for name in PARAM_NAMES[:5]))
+    return cema_powers.cema_coefficients(*(params[name] for name in PARAM_NAMES[:5]))
 
 
 @functools.partial(jax.jit, static_argnames=("path",))

@@ -12,7 +12,7 @@ import pytest
 
 from megalodon_flax.layers.rotary import apply_rope, rope_frequencies
 from megalodon_flax.layers.segments import packed_target_weights, segments_from_ids
-from megalodon_flax.megalodon import cema
+from megalodon_flax.megalodon import cema, cema_powers, cema_resets
 from megalodon_flax.megalodon.chunked_attention import packed_chunked_attention
 from megalodon_flax.megalodon.model import MegalodonLM
 from megalodon_flax.megalodon.timestep_norm import TimestepNorm
@@ -57,12 +57,12 @@ def test_cema_resets_at_every_run_start(path, block):
     rng = np.random.default_rng(4)
     x = rng.normal(size=(2, dim, L)).astype(np.float32)
     seg = segments_from_ids(jnp.asarray(IDS))
-    coeffs = cema.cema_coefficients(*(jnp.asarray(params[n]) for n in PARAM_NAMES[:5]))
+    coeffs = cema_powers.cema_coefficients(*(jnp.asarray(params[n]) for n in PARAM_NAMES[:5]))
     x_valid = jnp.where(seg.valid[:, None, :], jnp.asarray(x), 0.0)
     if block is None:
         y, _ = cema.cema(coeffs, jnp.asarray(params["omega"]), x_valid, path=path, segments=seg)
     else:
-        y = cema.cema_blocked_resets(coeffs, x_valid, seg.position, block)
+        y = cema_resets.cema_blocked_resets(coeffs, x_valid, seg.position, block)
         y = y + jnp.asarray(params["omega"])[:, None] * x_valid
     y = np.asarray(y)
     for b, start, end in DOCS:
@@ -80,9 +80,9 @@ def test_blocked_resets_final_state_is_the_last_runs(block, cut):
     x = rng.normal(size=(2, dim, L)).astype(np.float32)
     seg = segments_from_ids(jnp.asarray(IDS))
     x = np.where(np.asarray(seg.valid)[:, None, :], x, 0.0).astype(np.float32)
-    coeffs = cema.cema_coefficients(*(jnp.asarray(params[n]) for n in PARAM_NAMES[:5]))
+    coeffs = cema_powers.cema_coefficients(*(jnp.asarray(params[n]) for n in PARAM_NAMES[:5]))
     position = np.asarray(seg.position)[:, cut:]
-    y, state = cema.cema_blocked_resets(
+    y, state = cema_resets.cema_blocked_resets(
         coeffs, jnp.asarray(x[..., cut:]), jnp.asarray(position), block, return_state=True
     )
     omega = params["omega"].astype(np.float64)[:, None]
