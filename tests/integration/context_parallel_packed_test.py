@@ -13,6 +13,7 @@ Attention dropout under a split must draw differently on every shard.
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -276,7 +277,7 @@ MODELS = {
 }
 # (data, fsdp, tensor, context) meshes per model; the rows split over data × context too.
 MESHES = {
-    "fft": ((1, 1, 1, 2), (1, 1, 1, 4), (2, 1, 1, 2)),
+    "fft": ((1, 1, 1, 4), (2, 1, 1, 2)),
     "scan_layers_associative": ((1, 1, 1, 4),),
 }
 # The input window's ids: the last run gains the target of the last input.
@@ -385,3 +386,58 @@ def test_split_packed_logits_and_gradients_equal_unsplit(tmp_path: Path):
                 )  # fmt: skip
     assert np.isfinite(got["dropout"]).all()
     assert np.max(np.abs(got["dropout"] - want["fft"]["logits"])) > 1e-3
+
+
+def packed_corpus(root: Path) -> str:
+    """Text files of 3 to 150 bytes: documents shorter than a chunk and longer than a shard."""
+    rng = np.random.default_rng(11)
+    for i, n in enumerate(rng.integers(3, 150, size=24)):
+        text = "".join(rng.choice(list("abcdefgh ij\n"), size=int(n)))
+        (root / f"doc{i:02d}.txt").write_text(text)
+    return str(root / "*.txt")
+
+
+def packed_training_losses(corpus: str, mesh_shape: tuple[int, ...]) -> list[float]:
+    """Losses of 3 train steps on packed text_files rows of 64 bytes under `mesh_shape`."""
+    import dataclasses
+
+    from megalodon_flax.data import training_data
+    from megalodon_flax.training.setup import setup_training
+    from tests.factories import tiny_train_config
+
+    config = tiny_train_config(
+        seq_len=64,
+        batch_size=4,
+        model={"num_layers": 2},
+        data={"source": "text_files", "text_paths": corpus, "eval_fraction": 0.2},
+    )
+    config = dataclasses.replace(config, mesh=dataclasses.replace(config.mesh, shape=mesh_shape))
+    setup = setup_training(config)
+    iterator = training_data.load(config, *setup.train_rows).new_train_iterator(None)
+    state, losses = setup.init_state(), []
+    for _ in range(3):
+        batch = next(iterator)
+        assert (np.diff(batch["segment_ids"], axis=1) != 0).any()  # documents start mid-row
+        state, metrics = setup.train_step(state, batch)
+        losses.append(float(jax.device_get(metrics.compute())["loss"]))
+    return losses
+
+
+_LOOP_CHILD = """
+import json
+import jax
+from tests.integration import context_parallel_packed_test as t
+
+jax.config.update("jax_default_matmul_precision", "highest")
+print("RESULT" + json.dumps(t.packed_training_losses({corpus!r}, (2, 1, 1, 2))))
+"""
+
+
+def test_packed_training_on_a_context_axis_matches_one_device(tmp_path: Path):
+    """Training steps on packed text_files rows, each row split over 2 devices and the rows
+    over 2 more, give the losses of one device."""
+    corpus = packed_corpus(tmp_path)
+    want = packed_training_losses(corpus, (1, 1, 1, 1))
+    proc = helpers.run_python(_LOOP_CHILD.format(corpus=corpus), num_devices=4)
+    got = json.loads(proc.stdout.split("RESULT", 1)[1])
+    np.testing.assert_allclose(got, want, rtol=1e-5)
