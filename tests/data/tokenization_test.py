@@ -139,60 +139,19 @@ def _corpus(root: Path) -> Path:
 def test_packed_run_with_a_tokenizer_reports_bits_per_byte_and_decodes_samples(
     tmp_path: Path, spm_model: str
 ) -> None:
+    """Window and stream evaluation of the held-out documents in bits per token and per byte;
+    oracle for the streams: each document's sentencepiece ids alone in one uncached forward."""
     import sentencepiece
 
     corpus = _corpus(tmp_path / "corpus")
+    data = {"source": "text_files", "text_paths": str(corpus), "tokenizer": spm_model}
     config = tiny_train_config(
-        data={"source": "text_files", "text_paths": str(corpus), "tokenizer": spm_model},
+        data={**data, "eval_fraction": 0.05},
         model={"vocab_size": 64},
         num_train_steps=2,
-        eval={"every_steps": 2, "num_batches": -1},
+        eval={"every_steps": 2, "num_batches": -1, "mode": "both", "stream_num_streams": 2},
         checkpoint={"every_steps": 2},
         sampling={"every_steps": 0, "prompt": "state space", "length": 6},
-    )
-    workdir = tmp_path / "run"
-    state = loop.train_and_evaluate(config, str(workdir))
-    lib = sentencepiece.SentencePieceProcessor(model_file=spm_model)
-    held_out = _lines(60, seed=3)[-1:]  # eval_fraction 0.01 of 60 documents: the last one
-    tokens = sum(len(lib.encode(t)) for t in held_out)
-    nbytes = sum(len(t.encode()) for t in held_out)
-    per_token = helpers.read_scalars(workdir, "eval_bits_per_token")[2]
-    per_byte = helpers.read_scalars(workdir, "eval_bits_per_byte")[2]
-    assert per_byte == pytest.approx(per_token * tokens / nbytes, rel=1e-6)
-    assert math.isfinite(helpers.read_scalars(workdir, "train_bits_per_token")[2])
-    assert not helpers.read_scalars(workdir, "train_bits_per_byte")
-    tok = tokenization.load_tokenizer(spm_model)
-    text = loop.generate_sample(setup_training(config), state.params, 2, tok)
-    assert text.startswith("state space")
-    # A model narrower than the tokenizer's vocabulary stops before any work.
-    narrow = tiny_train_config(
-        data={"source": "text_files", "text_paths": str(corpus), "tokenizer": spm_model},
-        model={"vocab_size": 16},
-    )
-    with pytest.raises(TokenizerError, match=r"has 30 tokens but the model's vocabulary holds 16"):
-        loop.train_and_evaluate(narrow, str(tmp_path / "narrow"))
-
-
-@pytest.mark.slow  # a second training run, 27-37 s on two CPU cores
-def test_stream_evaluation_with_a_tokenizer_reads_each_held_out_document_alone(
-    tmp_path: Path, spm_model: str
-) -> None:
-    """Oracle: each held-out document's sentencepiece ids alone in one uncached forward."""
-    import sentencepiece
-
-    corpus = _corpus(tmp_path / "corpus")
-    config = tiny_train_config(
-        data={
-            "source": "text_files",
-            "text_paths": str(corpus),
-            "tokenizer": spm_model,
-            "eval_fraction": 0.05,
-        },
-        model={"vocab_size": 64},
-        num_train_steps=2,
-        eval={"every_steps": 2, "mode": "stream", "stream_num_streams": 2},
-        checkpoint={"every_steps": 2},
-        sampling={"every_steps": 0},
     )
     workdir = tmp_path / "run"
     state = loop.train_and_evaluate(config, str(workdir))
@@ -201,15 +160,28 @@ def test_stream_evaluation_with_a_tokenizer_reads_each_held_out_document_alone(
     ids = [np.asarray(lib.encode(t), np.int32)[None] for t in held_out]
     tokens = sum(d.size for d in ids)
     nbytes = sum(len(t.encode()) for t in held_out)
+    per_token = helpers.read_scalars(workdir, "eval_bits_per_token")[2]
+    per_byte = helpers.read_scalars(workdir, "eval_bits_per_byte")[2]
+    assert per_byte == pytest.approx(per_token * tokens / nbytes, rel=1e-6)
+    assert math.isfinite(helpers.read_scalars(workdir, "train_bits_per_token")[2])
+    assert not helpers.read_scalars(workdir, "train_bits_per_byte")
+
     model = families.build_model(config.model)
     params = nn.unbox(state.params)
     forward = jax.jit(lambda x: model.apply({"params": params}, x)[0])
     nll = sum(float(token_cross_entropy(forward(d[:, :-1]), d[:, 1:]).sum()) for d in ids)
-    per_token = helpers.read_scalars(workdir, "eval_stream_bits_per_token")[2]
-    assert per_token == pytest.approx(nll / (tokens - len(ids)) / math.log(2), rel=1e-5)
-    per_byte = helpers.read_scalars(workdir, "eval_stream_bits_per_byte")[2]
-    assert per_byte == pytest.approx(per_token * tokens / nbytes, rel=1e-6)
-    assert not helpers.read_scalars(workdir, "eval_bits_per_token")  # no window evaluation
+    stream_per_token = helpers.read_scalars(workdir, "eval_stream_bits_per_token")[2]
+    assert stream_per_token == pytest.approx(nll / (tokens - len(ids)) / math.log(2), rel=1e-5)
+    stream_per_byte = helpers.read_scalars(workdir, "eval_stream_bits_per_byte")[2]
+    assert stream_per_byte == pytest.approx(stream_per_token * tokens / nbytes, rel=1e-6)
+
+    tok = tokenization.load_tokenizer(spm_model)
+    text = loop.generate_sample(setup_training(config), state.params, 2, tok)
+    assert text.startswith("state space")
+    # A model narrower than the tokenizer's vocabulary stops before any work.
+    narrow = tiny_train_config(data=data, model={"vocab_size": 16})
+    with pytest.raises(TokenizerError, match=r"has 30 tokens but the model's vocabulary holds 16"):
+        loop.train_and_evaluate(narrow, str(tmp_path / "narrow"))
 
 
 def test_ids_outside_the_vocabulary_decode_to_replacement_characters(spm_model: str) -> None:

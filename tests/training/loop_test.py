@@ -4,20 +4,18 @@ Oracles: the event files a run writes, read back (losses fall, every scalar is l
 steps, tokens/s × s/step = tokens per step, the logged parameter count equals the closed-form
 count), the compile log (one train-step compilation), the checkpoints on disk and a rerun that
 resumes rather than starting over; for the Llama baseline through the same loop, its
-parameter count written out by hand; for stream evaluation of held-out text_files
-documents, each document alone in one uncached forward.
+parameter count written out by hand (stream evaluation of held-out text_files documents:
+tests/data/tokenization_test.py and tests/context_curve_test.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import time
 from pathlib import Path
 
-import flax.linen as nn
 import jax
 import numpy as np
 import pytest
@@ -27,7 +25,6 @@ from megalodon_flax.data import enwik8
 from megalodon_flax.llama import parameter_breakdown
 from megalodon_flax.training import loop
 from megalodon_flax.training.config import TrainConfig
-from megalodon_flax.training.metrics import token_cross_entropy
 from megalodon_flax.training.setup import setup_training
 from tests import helpers
 from tests.factories import tiny_llama_train_mapping, tiny_train_config
@@ -155,39 +152,3 @@ def test_enwik8_pages_train_as_packed_documents(tmp_path: Path, enwik8_data) -> 
     for tag in ("train_loss", "eval_loss"):
         values = helpers.read_scalars(workdir, tag)
         assert 4 in values and all(np.isfinite(v) for v in values.values()), tag
-
-
-def test_text_files_stream_evaluation_reads_each_held_out_document_alone(tmp_path: Path) -> None:
-    rng = np.random.default_rng(0)
-    # 16 training documents, then 4 held out (eval_fraction 0.2): more than the 3 streams,
-    # one spanning several calls of 32 tokens, two shorter than a call.
-    sizes = [50] * 16 + [70, 9, 40, 9]
-    texts = ["".join(rng.choice(list("abcdefgh \n"), n)) for n in sizes]
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    lines = [json.dumps({"text": t}) for t in texts]
-    (corpus / "docs.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    config = tiny_train_config(
-        data={"source": "text_files", "text_paths": str(corpus), "eval_fraction": 0.2},
-        num_train_steps=2,
-        eval={"every_steps": 2, "mode": "both", "stream_num_streams": 3, "stream_max_bytes": -1},
-        checkpoint={"every_steps": 2},
-        sampling={"every_steps": 0},
-    )
-    workdir = tmp_path / "run"
-    state = loop.train_and_evaluate(config, str(workdir))
-    model = families.build_model(config.model)
-    params = nn.unbox(state.params)
-    forward = jax.jit(lambda x: model.apply({"params": params}, x)[0])
-    nll, count = 0.0, 0
-    for text in texts[16:]:
-        doc = np.frombuffer(text.encode(), np.uint8).astype(np.int32)[None]
-        nll += float(np.asarray(token_cross_entropy(forward(doc[:, :-1]), doc[:, 1:])).sum())
-        count += doc.size - 1
-    loss = helpers.read_scalars(workdir, "eval_stream_loss")
-    assert sorted(loss) == [2]
-    assert loss[2] == pytest.approx(nll / count, rel=1e-5)
-    bits = helpers.read_scalars(workdir, "eval_stream_bits_per_byte")[2]
-    assert bits == pytest.approx(loss[2] / math.log(2), rel=1e-6)
-    for tag in helpers.EVAL_SCALARS:  # the window evaluation of mode 'both'
-        assert sorted(helpers.read_scalars(workdir, tag)) == [2], tag
