@@ -33,6 +33,7 @@ import numpy as np
 from megalodon_flax.data.documents import CorpusError
 from megalodon_flax.data.pipeline import Batch, GrainBatches
 from megalodon_flax.data.tokenization import ByteTokenizer
+from megalodon_flax.layers.segments import packed_target_weights
 
 Tokenize = Callable[[bytes], np.ndarray]
 STATE_KEY = "packed"
@@ -41,13 +42,11 @@ BYTES = ByteTokenizer()
 
 def rows_to_batch(tokens: np.ndarray, row_segment_ids: np.ndarray) -> Batch:
     """Rows (B, L + 1) of tokens and their segment ids → the training batch (B, L)."""
-    inputs_ids, target_ids = row_segment_ids[:, :-1], row_segment_ids[:, 1:]
-    weights = (target_ids != 0) & (target_ids == inputs_ids)
     return {
         "inputs": np.ascontiguousarray(tokens[:, :-1], np.int32),
         "targets": np.ascontiguousarray(tokens[:, 1:], np.int32),
-        "segment_ids": np.ascontiguousarray(inputs_ids, np.int32),
-        "weights": weights.astype(np.float32),
+        "segment_ids": np.ascontiguousarray(row_segment_ids[:, :-1], np.int32),
+        "weights": np.asarray(packed_target_weights(row_segment_ids), np.float32),
     }
 
 

@@ -80,7 +80,8 @@ def packed_target_weights(segment_ids: jax.Array) -> jax.Array:
     """Loss weights of packed windows: segment ids (..., L + 1) of the window's tokens →
     (..., L) float32, 1 where target t + 1 is a document token of the same run as input t.
 
-    Padding targets and the pair that straddles two runs weigh 0.
+    Padding targets and the pair that straddles two runs weigh 0. NumPy ids give a NumPy
+    array (the input pipeline builds its batches with it).
     """
     inputs, targets = segment_ids[..., :-1], segment_ids[..., 1:]
-    return ((targets > 0) & (targets == inputs)).astype(jnp.float32)
+    return ((targets > 0) & (targets == inputs)).astype(np.float32)

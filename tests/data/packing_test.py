@@ -103,12 +103,17 @@ def test_segment_ids_and_weights_change_exactly_at_document_starts() -> None:
         assert np.array_equal(weights[r] == 0, targets_start)
 
 
-def test_weights_match_the_models_packed_target_weights() -> None:
+def test_batch_weights_drop_padding_and_pairs_across_documents() -> None:
     rng = np.random.default_rng(3)
     ids = np.sort(rng.integers(1, 5, (4, 33)), axis=1).astype(np.int32)
     ids[1, 20:] = 0  # padding at a row's end
     tokens = rng.integers(0, 256, (4, 33)).astype(np.int32)
     batch = packing.rows_to_batch(tokens, ids)
+    want = np.zeros((4, 32), np.float32)
+    for r in range(4):
+        for t in range(32):  # input t predicts t + 1: both of one document
+            want[r, t] = float(ids[r, t + 1] != 0 and ids[r, t + 1] == ids[r, t])
+    np.testing.assert_array_equal(batch["weights"], want)
     np.testing.assert_array_equal(
         batch["weights"], np.asarray(packed_target_weights(jnp.asarray(ids)))
     )
