@@ -277,7 +277,7 @@ MODELS = {
 }
 # (data, fsdp, tensor, context) meshes per model; the rows split over data × context too.
 MESHES = {
-    "fft": ((1, 1, 1, 4), (2, 1, 1, 2)),
+    "fft": ((2, 1, 1, 2),),
     "scan_layers_associative": ((1, 1, 1, 4),),
 }
 # The input window's ids: the last run gains the target of the last input.
