@@ -23,6 +23,8 @@ from typing import Any
 import grain
 import numpy as np
 
+from megalodon_flax.layers.segments import packed_target_weights
+
 Batch = dict[str, np.ndarray]
 # Steps a training iterator can count to (Grain ranges are finite).
 MAX_STEPS = 1 << 62
@@ -317,7 +319,7 @@ def eval_batches(
         batch = {"inputs": windows[:, :-1] * weights, "targets": windows[:, 1:] * weights}
         if segment_ids is not None:
             ids = segment_ids[clipped].astype(np.int32)
-            weights = weights & (ids[:, 1:] == ids[:, :-1])
+            weights = weights & (packed_target_weights(ids) > 0)
             batch["segment_ids"] = np.where(index[:, 1:] < num_bytes, ids[:, :-1], 0)
         batch["weights"] = weights.astype(np.float32)
         yield batch
