@@ -18,6 +18,7 @@ Cases: `train-BxL` (forward + backward + AdamW, fp32, params and optimizer state
 Run from the repository root:
   python -m benchmarks.bench_startup                       # the table in RESULTS.md
   python -m benchmarks.bench_startup --quick --out /tmp/startup.json   # smoke run
+  python -m benchmarks.bench_startup --remat-policy save_dots_no_batch  # our blocks rematted
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import common
+from megalodon_flax.layers.remat import REMAT_POLICIES
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -61,7 +63,8 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     if spec["variant"] == PEER_VARIANT:
         model = PeerModel(cfg)
     else:
-        model = OursModel(cfg.replace(scan_layers=spec["variant"] == "scanned"))
+        scanned = spec["variant"] == "scanned"
+        model = OursModel(cfg.replace(scan_layers=scanned, remat_policy=spec["remat_policy"]))
     common.block(model.params)
     init_s = time.perf_counter() - t0 - import_s
     tokens = common.random_tokens(spec["batch"], spec["length"], cfg.vocab_size, 1)
@@ -233,6 +236,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--variants", type=common.str_list, default=list(VARIANTS), help="scanned,unrolled,peer"
     )
+    p.add_argument(
+        "--remat-policy",
+        default="none",
+        choices=tuple(REMAT_POLICIES),
+        help="remat_policy of our variants",
+    )
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per worker")
     p.add_argument("--out", default=DEFAULT_OUT, help=f"JSON output (default {DEFAULT_OUT})")
     args = p.parse_args(argv)
@@ -279,7 +288,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         raw: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
         for repeat in range(args.repeats):
             for variant in variants:
-                spec = {**case, "variant": variant, "runs": args.runs}
+                spec = {
+                    **case,
+                    "variant": variant,
+                    "runs": args.runs,
+                    "remat_policy": args.remat_policy,
+                }
                 record = run_worker(spec, args.timeout)
                 raw[variant].append(record)
                 shown = record.get("error") or (

@@ -63,6 +63,17 @@ def from_blocks(a: jax.Array, length: int) -> jax.Array:
     return a.transpose(1, 0, 2, 3).reshape(batch, blocks * size, groups)[:, :length]
 
 
+def blocked_cumsum(a: jax.Array, reverse: bool = False) -> jax.Array:
+    """Inclusive cumulative sum of a (B, L, G) over L (from the end when `reverse`): prefix
+    sums inside blocks of `SUMMARY_BLOCK` plus the totals of the blocks before (after) each."""
+    length = a.shape[1]
+    blocks = to_blocks(a, min(SUMMARY_BLOCK, length))
+    inner = jax.lax.cumsum(blocks, axis=2, reverse=reverse)
+    totals = inner[:, :, 0 if reverse else -1]  # (nb, B, G)
+    outer = jax.lax.cumsum(totals, axis=0, reverse=reverse) - totals
+    return from_blocks(inner + outer[:, :, None], length)
+
+
 def group_summary(blk_mean: jax.Array, blk_var: jax.Array, valid: jax.Array) -> Summary:
     """(count, mean, M2) each (B, G) of per-timestep group means and variances (B, L, G)
     over the `valid` (B, L) timesteps."""

@@ -369,3 +369,72 @@ def test_long_unmasked_call_equals_the_all_valid_mask() -> None:
     g = jax.jit(jax.grad(loss), static_argnums=1)(x, None)
     g_mask = jax.jit(jax.grad(loss))(x, ones)
     np.testing.assert_allclose(np.asarray(g), np.asarray(g_mask), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("length", "masked", "offset", "dtype"),
+    [
+        (L, False, 0.0, jnp.float32),
+        (L, True, 0.0, jnp.float32),
+        (300, True, 1e3, jnp.float32),  # several summary blocks, a large common offset
+        (1, False, 0.0, jnp.float32),
+        (L, True, 0.0, jnp.bfloat16),
+    ],
+)
+def test_fresh_call_gradient_equals_the_differentiated_merges(length, masked, offset, dtype):
+    """A call from no state differentiates through `fresh_normalized`'s closed-form VJP;
+    passing the same fresh state explicitly differentiates the blocked merges themselves.
+    Both give the same forward values and the same input gradient."""
+    x = jnp.asarray(_inputs(50, length=length) + offset).astype(dtype)
+    mask = jnp.asarray(_random_mask(51, length=length)) if masked else None
+    params = _affine(52)
+    w = jnp.asarray(np.random.default_rng(53).normal(size=x.shape), jnp.float32)
+
+    def loss(x, state):
+        y, _ = _apply(params, x, state, mask)
+        return jnp.sum(jnp.sin(y.astype(jnp.float32)) * w)
+
+    y_closed, state_closed = _apply(params, x, None, mask)
+    y_merges, state_merges = _apply(params, x, NormState.fresh(B, G), mask)
+    # Equal up to how XLA folds a constant fresh state against a passed one.
+    np.testing.assert_allclose(
+        np.asarray(y_closed, np.float32), np.asarray(y_merges, np.float32), rtol=1e-6, atol=1e-6
+    )
+    for a, b in zip(_np_state(state_closed), _np_state(state_merges), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    g_closed = jax.jit(jax.grad(loss))(x, None)
+    g_merges = jax.jit(jax.grad(loss))(x, NormState.fresh(B, G))
+    assert g_closed.dtype == dtype
+    scale = float(jnp.max(jnp.abs(g_merges.astype(jnp.float32))))
+    tol = 1e-5 if dtype == jnp.float32 else 1e-2
+    np.testing.assert_allclose(
+        np.asarray(g_closed, np.float32), np.asarray(g_merges, np.float32), atol=tol * scale
+    )
+
+
+def test_fresh_call_gradient_matches_float64_central_differences() -> None:
+    """Directional derivatives of the float64 brute force (§4.1), by central differences,
+    against the closed-form VJP of a masked call from no state."""
+    x = _inputs(60)
+    mask = _random_mask(61)
+    params = _affine(62)
+    rng = np.random.default_rng(63)
+    w = rng.normal(size=x.shape)
+    fresh = _np_state(NormState.fresh(B, G))
+
+    def loss64(x64: np.ndarray) -> float:
+        y, *_ = reference.brute_force(
+            x64, params["weight"], params["bias"], G, EPS, np.asarray(mask), fresh
+        )
+        return float(np.sum(np.sin(y) * w))
+
+    def loss(x):
+        return jnp.sum(jnp.sin(_apply(params, x, None, jnp.asarray(mask))[0]) * w)
+
+    grad = np.asarray(jax.jit(jax.grad(loss))(jnp.asarray(x)), np.float64)
+    h = 1e-4
+    for _ in range(2):
+        v = rng.normal(size=x.shape)
+        x64 = x.astype(np.float64)
+        want = (loss64(x64 + h * v) - loss64(x64 - h * v)) / (2 * h)
+        np.testing.assert_allclose(np.sum(grad * v), want, rtol=1e-4)
