@@ -45,6 +45,7 @@ from benchmarks.common import (
     str_list,
     table,
 )
+from megalodon_flax.compiler_options import compiler_options
 from megalodon_flax.megalodon.cema import cema
 from megalodon_flax.megalodon.cema_powers import cema_coefficients
 from tests.reference import megalodon_jax_bridge
@@ -105,8 +106,10 @@ class TrainRunner:
         loss_fn: Callable[[Any, jax.Array], jax.Array],
         params: Any,
         tokens: jax.Array,
+        compiler_options: dict[str, Any] | None = None,
     ) -> None:
         self.tx = make_optimizer()
+        self.compiler_options = compiler_options
         self.loss_fn = loss_fn
         self.params = jax.tree.map(jnp.copy, params)
         self.opt_state = self.tx.init(self.params)
@@ -120,7 +123,7 @@ class TrainRunner:
         return optax.apply_updates(params, updates), opt_state, loss
 
     def prepare(self) -> dict[str, Any]:
-        step = jax.jit(self._step, donate_argnums=(0, 1))
+        step = jax.jit(self._step, donate_argnums=(0, 1), compiler_options=self.compiler_options)
         self.compiled, info = compile_jitted(step, self.params, self.opt_state, self.tokens)
         check_fits(info)
         return info
@@ -138,15 +141,21 @@ class ForwardRunner:
     """A compiled inference forward of fixed input tokens."""
 
     def __init__(
-        self, forward_fn: Callable[[Any, jax.Array], jax.Array], params: Any, tokens: jax.Array
+        self,
+        forward_fn: Callable[[Any, jax.Array], jax.Array],
+        params: Any,
+        tokens: jax.Array,
+        compiler_options: dict[str, Any] | None = None,
     ) -> None:
         self.forward_fn = forward_fn
+        self.compiler_options = compiler_options
         self.params = params
         self.tokens = tokens
         self.compiled: Any = None
 
     def prepare(self) -> dict[str, Any]:
-        self.compiled, info = compile_jitted(jax.jit(self.forward_fn), self.params, self.tokens)
+        forward = jax.jit(self.forward_fn, compiler_options=self.compiler_options)
+        self.compiled, info = compile_jitted(forward, self.params, self.tokens)
         check_fits(info)
         return info
 
@@ -158,13 +167,17 @@ class ForwardRunner:
 
 # ---------------------------------------------------------------------------- the two models
 class OursModel:
-    """megalodon_flax: parameters and pure forward/loss functions for one compute dtype."""
+    """megalodon_flax: parameters and pure forward/loss functions for one compute dtype.
+
+    `compiler_options` are the ones the project's own train and eval steps compile with.
+    """
 
     name = OURS
 
     def __init__(self, cfg: mf.MegalodonConfig, params: Any | None = None) -> None:
         self.cfg = cfg
         self.module = mf.MegalodonLM(cfg)
+        self.compiler_options = compiler_options()
         if params is None:
             init_tokens = jnp.zeros((1, 8), jnp.int32)
             variables = jax.jit(self.module.init)(jax.random.PRNGKey(0), init_tokens)
@@ -188,6 +201,7 @@ class PeerModel:
     """megalodon-jax (Equinox) in the equivalent topology, split into arrays + static parts."""
 
     name = PEER
+    compiler_options = None  # XLA's defaults, as megalodon-jax's users get them
 
     def __init__(self, cfg: mf.MegalodonConfig) -> None:
         import equinox as eqx
@@ -242,7 +256,7 @@ def train_section(
                 model = models[name][dtype]
 
                 def build(model: Any = model, tokens: jax.Array = tokens) -> common.Case:
-                    runner = TrainRunner(model.loss, model.params, tokens)
+                    runner = TrainRunner(model.loss, model.params, tokens, model.compiler_options)
                     return common.Case(model.name, runner.prepare, runner.run)
 
                 builders.append((name, build))
@@ -271,7 +285,9 @@ def forward_section(
                 model = models[name][dtype]
 
                 def build(model: Any = model, tokens: jax.Array = tokens) -> common.Case:
-                    runner = ForwardRunner(model.forward, model.params, tokens)
+                    runner = ForwardRunner(
+                        model.forward, model.params, tokens, model.compiler_options
+                    )
                     return common.Case(model.name, runner.prepare, runner.run)
 
                 builders.append((name, build))
@@ -333,7 +349,7 @@ def cema_section(
                 def build(
                     fn: Any = fn, path: str = path, params: Any = params, x: jax.Array = x
                 ) -> common.Case:
-                    runner = ForwardRunner(fn, params, x)
+                    runner = ForwardRunner(fn, params, x, compiler_options())
                     return common.Case(f"cema_{path}", runner.prepare, runner.run)
 
                 log(f"cema path={path} length={length} mode={mode} ...")

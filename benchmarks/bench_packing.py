@@ -104,7 +104,7 @@ def step_section(args: argparse.Namespace, log: Callable[[str], None]) -> list[d
 
             def build(model=model, forward=forward, packed=packed, name=name) -> common.Case:
                 loss = weighted_loss(forward, ids if packed else None)
-                runner = TrainRunner(loss, model.params, tokens)
+                runner = TrainRunner(loss, model.params, tokens, model.compiler_options)
                 label = f"{name} {'packed' if packed else 'unpacked'}"
                 return common.Case(label, runner.prepare, runner.run)
 

@@ -85,7 +85,10 @@ def train_step_ms(args: argparse.Namespace) -> dict[str, Any]:
 
     model = OursModel(mf.enwik8_config())
     runner = TrainRunner(
-        model.loss, model.params, common.random_tokens(args.batch, args.seq_len, 256, 0)
+        model.loss,
+        model.params,
+        common.random_tokens(args.batch, args.seq_len, 256, 0),
+        model.compiler_options,
     )
     info = runner.prepare()
     runner.run()  # warm-up

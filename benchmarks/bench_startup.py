@@ -11,6 +11,9 @@ Implementations ("variants") run alternately repeat by repeat, like `bench_model
   scanned    ours with `scan_layers=True`
   unrolled   ours with `scan_layers=False`
   peer       megalodon-jax 0.2.2 in the equivalent topology (when installed)
+Ours compile with the project's `compiler_options` for the platform, as its train and eval
+steps do; `scanned+xla` and `unrolled+xla` compile the same with XLA's defaults (megalodon-jax
+always does).
 
 Cases: `train-BxL` (forward + backward + AdamW, fp32, params and optimizer state donated) and
 `forward-L` (batch 1, fp32). `--depths` repeats the train case with other layer counts.
@@ -19,6 +22,7 @@ Run from the repository root:
   python -m benchmarks.bench_startup                       # the table in RESULTS.md
   python -m benchmarks.bench_startup --quick --out /tmp/startup.json   # smoke run
   python -m benchmarks.bench_startup --remat-policy save_dots_no_batch  # our blocks rematted
+  python -m benchmarks.bench_startup --variants scanned,scanned+xla   # the options' effect
 """
 
 from __future__ import annotations
@@ -44,6 +48,8 @@ ROOT = os.path.dirname(HERE)
 DEFAULT_OUT = os.path.join(HERE, "results", "bench_startup.json")
 VARIANTS = ("scanned", "unrolled", "peer")
 PEER_VARIANT = "peer"
+XLA_DEFAULTS_SUFFIX = "+xla"
+KNOWN_VARIANTS = (*VARIANTS, *(v + XLA_DEFAULTS_SUFFIX for v in VARIANTS if v != PEER_VARIANT))
 
 
 # ---------------------------------------------------------------------------- the worker
@@ -63,18 +69,20 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     if spec["variant"] == PEER_VARIANT:
         model = PeerModel(cfg)
     else:
-        scanned = spec["variant"] == "scanned"
+        scanned = spec["variant"].removesuffix(XLA_DEFAULTS_SUFFIX) == "scanned"
         model = OursModel(cfg.replace(scan_layers=scanned, remat_policy=spec["remat_policy"]))
+        if spec["variant"].endswith(XLA_DEFAULTS_SUFFIX):
+            model.compiler_options = None
     common.block(model.params)
     init_s = time.perf_counter() - t0 - import_s
     tokens = common.random_tokens(spec["batch"], spec["length"], cfg.vocab_size, 1)
     if spec["kind"] == "train":
-        runner = TrainRunner(model.loss, model.params, tokens)
+        runner = TrainRunner(model.loss, model.params, tokens, model.compiler_options)
         del model.params  # the runner holds its own copy, donated every step
         info = runner.prepare()
         run = runner.run
     else:
-        forward = jax.jit(model.forward)
+        forward = jax.jit(model.forward, compiler_options=model.compiler_options)
         compiled, info = compile_jitted(forward, model.params, tokens)
 
         def run() -> None:
@@ -218,9 +226,11 @@ def render(results: dict[str, Any]) -> str:
         "Each value: median (min-max) over fresh processes, variants alternating. Peak RSS "
         "includes JAX's import (~160 MiB) and the compiler."
     )
-    return common.table("Start-up: compile time and peak memory (fp32)", headers, rows) + (
-        "\n" + note
+    title = (
+        "Start-up: compile time and peak memory "
+        f"(fp32, our remat_policy={results['settings']['remat_policy']})"
     )
+    return common.table(title, headers, rows) + ("\n" + note)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -258,9 +268,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    unknown = sorted(set(args.variants) - set(VARIANTS))
+    unknown = sorted(set(args.variants) - set(KNOWN_VARIANTS))
     if unknown:
-        p.error(f"unknown variants {unknown}; choose from {VARIANTS}")
+        p.error(f"unknown variants {unknown}; choose from {KNOWN_VARIANTS}")
     if args.repeats < 1 or args.runs < 0:
         p.error("--repeats must be >= 1 and --runs >= 0")
     return args

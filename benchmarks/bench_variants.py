@@ -8,7 +8,12 @@ dtype `--dtype`, float32 by default):
              and the peak estimate temp + arguments + outputs − aliases).
   attention: `attention_impl` "xla" vs "dot_product": the train step at 4 × 512 and the
              forward at 1 × 32,768 tokens (values, gradients: tests/megalodon).
-  layers:    `scan_layers` on and off: the train step at 4 × 512 and the forward at 32,768.
+  layers:    `scan_layers` on and off: the train step at 4 × 512 (scanned with
+             "save_dots_no_batch" and with no remat, unrolled with no remat) and the
+             forward at 32,768.
+  compiler:  the project's `compiler_options` for the platform against XLA's defaults: the
+             train step at 4 × 512 (unrolled, and scanned with "save_dots_no_batch") and
+             the unrolled forward at 32,768.
 
 Run from the repository root:
   python -m benchmarks.bench_variants                       # the tables in RESULTS.md
@@ -35,21 +40,32 @@ from megalodon_flax.megalodon import layer_stack
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_OUT = os.path.join(HERE, "results", "bench_variants.json")
+SECTIONS = ("remat", "attention", "layers", "compiler")
+# The scanned train step's fastest remat policy (RESULTS.md, "Execution options").
+SCANNED_TRAIN = {"scan_layers": True, "remat_policy": "save_dots_no_batch"}
+
+
+# Variant key that is not a config field: "platform" compiles with the project's
+# `compiler_options` for the platform (what every other variant does), "xla_defaults" without.
+OPTIONS_KEY = "compiler_options"
 
 
 def _variant_builder(
     kind: str, base: OursModel, overrides: dict[str, Any], batch: int, length: int
 ) -> Callable[[], common.Case]:
-    cfg = base.cfg.replace(**overrides)
+    fields = {k: v for k, v in overrides.items() if k != OPTIONS_KEY}
+    cfg = base.cfg.replace(**fields)
+    xla_defaults = overrides.get(OPTIONS_KEY, "platform") == "xla_defaults"
     name = ", ".join(f"{k}={v}" for k, v in overrides.items())
 
     def build() -> common.Case:
         model = OursModel(cfg, layer_stack.to_layout(base.params, cfg.scan_layers))
+        options = None if xla_defaults else model.compiler_options
         tokens = common.random_tokens(batch, length, cfg.vocab_size, 1)
         if kind == "train":
-            runner: Any = TrainRunner(model.loss, model.params, tokens)
+            runner: Any = TrainRunner(model.loss, model.params, tokens, options)
         else:
-            runner = ForwardRunner(model.forward, model.params, tokens)
+            runner = ForwardRunner(model.forward, model.params, tokens, options)
         return common.Case(name, runner.prepare, runner.run)
 
     return build
@@ -88,6 +104,7 @@ def render(results: dict[str, Any]) -> str:
         ("remat", "Remat policies: train step"),
         ("attention", "Attention kernels"),
         ("layers", "Scanned vs unrolled layers"),
+        ("compiler", "Compiler options: the platform's against XLA's defaults"),
     ):
         rows = []
         for r in results.get(section, []):
@@ -120,7 +137,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--remat-lengths", type=common.int_list, default=[512, 8192])
     p.add_argument("--train-batch", type=int, default=4, help="batch of the 512-token steps")
     p.add_argument("--forward-length", type=int, default=32768)
-    p.add_argument("--sections", type=common.str_list, default=["remat", "attention", "layers"])
+    p.add_argument("--sections", type=common.str_list, default=list(SECTIONS))
     p.add_argument(
         "--dtype",
         default="float32",
@@ -134,7 +151,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.remat_lengths = [128]
         args.train_batch = 1
         args.forward_length = 256
-    unknown = sorted(set(args.sections) - {"remat", "attention", "layers"})
+    unknown = sorted(set(args.sections) - set(SECTIONS))
     if unknown:
         p.error(f"unknown sections {unknown}")
     return args
@@ -168,10 +185,29 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         ) + measure("attention", "forward", base, kernels, 1, args.forward_length, args, log)
         common.write_json(args.out, results)
     if "layers" in args.sections:
-        layouts = [{"scan_layers": s} for s in (True, False)]
+        train_layouts = [
+            SCANNED_TRAIN,
+            {"scan_layers": True, "remat_policy": "none"},
+            {"scan_layers": False, "remat_policy": "none"},
+        ]
+        forward_layouts = [{"scan_layers": s} for s in (True, False)]
         results["layers"] = measure(
-            "layers", "train", base, layouts, args.train_batch, seq, args, log
-        ) + measure("layers", "forward", base, layouts, 1, args.forward_length, args, log)
+            "layers", "train", base, train_layouts, args.train_batch, seq, args, log
+        ) + measure("layers", "forward", base, forward_layouts, 1, args.forward_length, args, log)
+        common.write_json(args.out, results)
+    if "compiler" in args.sections:
+        both = [{OPTIONS_KEY: "platform"}, {OPTIONS_KEY: "xla_defaults"}]
+        train_variants = [
+            {**layout, **options}
+            for layout in ({"scan_layers": False}, SCANNED_TRAIN)
+            for options in both
+        ]
+        forward_variants = [{"scan_layers": False, **options} for options in both]
+        results["compiler"] = measure(
+            "compiler", "train", base, train_variants, args.train_batch, seq, args, log
+        ) + measure(
+            "compiler", "forward", base, forward_variants, 1, args.forward_length, args, log
+        )
         common.write_json(args.out, results)
     results["elapsed_s"] = round(time.perf_counter() - start, 1)
     common.write_json(args.out, results)

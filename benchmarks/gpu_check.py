@@ -110,7 +110,7 @@ def train_section(
     for name, model in models.items():
 
         def build(name: str = name, model: Any = model) -> common.Case:
-            runners[name] = TrainRunner(model.loss, model.params, tokens)
+            runners[name] = TrainRunner(model.loss, model.params, tokens, model.compiler_options)
             return common.Case(name, runners[name].prepare, runners[name].run)
 
         builders.append((name, build))
@@ -154,7 +154,7 @@ def forward_section(
         for name, model in models.items():
 
             def build(model: Any = model, tokens: jax.Array = tokens) -> common.Case:
-                runner = ForwardRunner(model.forward, model.params, tokens)
+                runner = ForwardRunner(model.forward, model.params, tokens, model.compiler_options)
                 return common.Case(model.name, runner.prepare, runner.run)
 
             builders.append((name, build))

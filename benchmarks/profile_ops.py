@@ -281,10 +281,14 @@ def profile_model(
     model = bench_model.OursModel(cfg)
     if kind == "train":
         tokens = common.random_tokens(batch, length, cfg.vocab_size, 1)
-        runner: Any = bench_model.TrainRunner(model.loss, model.params, tokens)
+        runner: Any = bench_model.TrainRunner(
+            model.loss, model.params, tokens, model.compiler_options
+        )
     else:
         tokens = common.random_tokens(batch, length, cfg.vocab_size, 2)
-        runner = bench_model.ForwardRunner(model.forward, model.params, tokens)
+        runner = bench_model.ForwardRunner(
+            model.forward, model.params, tokens, model.compiler_options
+        )
     summary = profile_executable(kind, runner, repeats, warmup, logdir, top, log)
     summary.update(
         {

@@ -2,10 +2,11 @@
 
 The D features form G groups of gs = D/G. At time t each group is normalized with the mean
 and population variance of every scalar of that group seen so far (inclusive), including
-what an incoming state summarizes. Statistics are merged in parallel with Chan's formula
-over per-timestep summaries (count, mean, M2) by `lax.associative_scan`, never from
-uncentered cumulative sums. Everything runs in float32; masked timesteps output exactly 0
-and leave the statistics untouched.
+what an incoming state summarizes. Per-timestep summaries (count, mean, M2) are summed
+within blocks relative to the block's mean, and the block totals are merged in order with
+Chan's formula (`_running_summaries`), never from uncentered cumulative sums over the whole
+call. Everything runs in float32; masked timesteps output exactly 0 and leave the
+statistics untouched.
 
 Split over a `context` mesh axis (`context_parallel`), each shard reduces its timesteps to one
 summary (count, mean, M2) per row and group; the summaries of the shards before it, merged in

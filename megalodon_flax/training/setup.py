@@ -1,8 +1,9 @@
 """Everything a training config compiles to: mesh, model, optimizer, shardings, jitted steps.
 
 Steps are `jax.jit`ed with explicit in/out shardings derived from the mesh and the logical
-axis rules, and the train state is donated. Global row `r` of a step's `A * B` rows is row
-`r // A` of micro-batch `r % A`, so every process's contiguous block of rows is a contiguous
+axis rules, and the train state is donated; they and the state's initialiser compile with
+the platform's `compiler_options`. Global row `r` of a step's `A * B` rows is row `r // A`
+of micro-batch `r % A`, so every process's contiguous block of rows is a contiguous
 block of every micro-batch, and the grouping does not depend on the number of processes.
 """
 
@@ -21,6 +22,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 
 from megalodon_flax import families, sharding
+from megalodon_flax.compiler_options import compiler_options, mesh_platform
 from megalodon_flax.config_base import ConfigError
 from megalodon_flax.training.config import TrainConfig
 from megalodon_flax.training.metrics import EvalMetrics
@@ -232,7 +234,10 @@ def setup_training(config: TrainConfig, mesh: Mesh | None = None) -> TrainingSet
         eval_batch_sharding, (config.eval.batch_size, config.seq_len), 0
     )
     metrics_sharding = sharding.replicated(mesh)
-    p_init = jax.jit(lambda: nn.unbox(init_boxed()), out_shardings=state_shardings)
+    options = compiler_options(mesh_platform(mesh))
+    p_init = jax.jit(
+        lambda: nn.unbox(init_boxed()), out_shardings=state_shardings, compiler_options=options
+    )
     p_train_step = jax.jit(
         functools.partial(
             train_step,
@@ -244,11 +249,13 @@ def setup_training(config: TrainConfig, mesh: Mesh | None = None) -> TrainingSet
         in_shardings=(state_shardings, train_batch_sharding),
         out_shardings=(state_shardings, metrics_sharding),
         donate_argnums=0,
+        compiler_options=options,
     )
     p_eval_step = jax.jit(
         functools.partial(eval_step, model=model),
         in_shardings=(state_shardings.params, eval_batch_sharding),
         out_shardings=metrics_sharding,
+        compiler_options=options,
     )
     return TrainingSetup(
         config=config,

@@ -39,14 +39,14 @@ def _run_benchmark(
 @pytest.mark.slow
 def test_startup_benchmark_measures_each_variant_in_a_fresh_process(tmp_path: Path) -> None:
     out = tmp_path / "startup.json"
-    args = ["--quick", "--lengths", "128", "--depths", "6", "--variants", "scanned,unrolled"]
+    args = ["--quick", "--lengths", "128", "--depths", "6", "--variants", "scanned,unrolled+xla"]
     proc = _run_benchmark("bench_startup", *args, "--out", str(out), compile_cache=False)
     data = json.loads(out.read_text())
     names = [c["name"] for c in data["cases"]]
     assert names == ["train 1 x 128", "forward 128"]
     pids = set()
     for case in data["cases"]:
-        assert set(case["variants"]) == {"scanned", "unrolled"}
+        assert set(case["variants"]) == {"scanned", "unrolled+xla"}
         for variant, records in case["raw"].items():
             (record,) = records
             assert "error" not in record, record
