@@ -13,7 +13,6 @@ import jax
 import numpy as np
 import pytest
 
-from megalodon_flax import compiler_options
 from megalodon_flax.training import setup as training_setup
 from megalodon_flax.training.setup import setup_training
 from megalodon_flax.training.steps import create_train_state
@@ -53,13 +52,6 @@ def _local_batch(config, seed: int) -> dict[str, np.ndarray]:
     }
 
 
-def test_cpu_steps_compile_with_the_cpu_options() -> None:
-    assert compiler_options.compiler_options("cpu") == compiler_options.CPU_OPTIONS
-    assert compiler_options.compiler_options("gpu") is None
-    setup = setup_training(tiny_train_config())
-    assert compiler_options.mesh_platform(setup.mesh) == "cpu"
-
-
 def test_the_steps_pass_their_compiler_options_to_xla(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(
         training_setup, "compiler_options", lambda platform: {"xla_no_such_option": 1}
@@ -95,7 +87,16 @@ def test_cpu_options_keep_the_steps_numerics(monkeypatch: pytest.MonkeyPatch) ->
         state, metrics = setup.train_step(setup.init_state(), batches[0])
         return jax.device_get((state.params, metrics, setup.eval_step(state.params, batches[1])))
 
+    requested = []
+    real_options = training_setup.compiler_options
+
+    def recording(platform: str):
+        requested.append(platform)
+        return real_options(platform)
+
+    monkeypatch.setattr(training_setup, "compiler_options", recording)
     tuned = run(setup_training(config))
+    assert requested == ["cpu"] and real_options("cpu") is not None  # tuned differs from default
     monkeypatch.setattr(training_setup, "compiler_options", lambda platform: None)
     default = run(setup_training(config))
     jax.tree.map(
