@@ -5,11 +5,13 @@ optimisation level 1 instead of the default 2. benchmarks/RESULTS.md ("Start-up"
 2026-12-01) measured 9-14 % less compile time for the 512-token forward, a difference
 within noise for the enwik8 train step, and no measurable change in run time; the values
 match XLA's defaults to float32 rounding (tests/training/setup_test.py). Other platforms
-keep XLA's defaults until a measurement there says otherwise.
+keep XLA's defaults until a measurement there says otherwise. An optimisation level the user
+sets in `XLA_FLAGS` (`--xla_backend_optimization_level=N`) wins: the steps then keep it.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import jax
@@ -25,11 +27,14 @@ def compiler_options(platform: str | None = None) -> dict[str, Any] | None:
             backend.
 
     Returns:
-        A fresh dict of XLA options, or None where XLA's defaults are kept.
+        A fresh dict of XLA options, or None where XLA's defaults (or the user's
+        `XLA_FLAGS`) are kept.
     """
     if platform is None:
         platform = jax.default_backend()
-    if platform == "cpu":
+    if platform == "cpu" and "xla_backend_optimization_level" not in os.environ.get(
+        "XLA_FLAGS", ""
+    ):
         return dict(CPU_OPTIONS)
     return None
 

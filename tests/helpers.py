@@ -5,6 +5,7 @@ The tiny configs live in `tests/factories.py`, the independent oracles in `tests
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -12,6 +13,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 import zipfile
 from pathlib import Path
 
@@ -23,14 +25,6 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 TESTDATA = REPO_ROOT / "tests" / "testdata"
 
 SAMPLE_ZIP = REPO_ROOT / "megalodon_flax" / "data" / "sample" / "enwik8.zip"
-# A persistent XLA cache for the child processes of the tests: the same programs are compiled
-# by several of them (reference, killed and resumed runs), which otherwise dominates.
-JAX_CACHE_DIR = Path(tempfile.gettempdir()) / "megalodon_flax_test_jax_cache"
-CACHE_ENV = {
-    "JAX_COMPILATION_CACHE_DIR": str(JAX_CACHE_DIR),
-    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
-}
 TRAIN_SCALARS = (
     "train_loss",
     "train_bits_per_byte",
@@ -90,15 +84,18 @@ def restore_checkpoint(workdir: str | Path, setup):
 
 def subprocess_env(num_devices: int | None = None, **extra: str) -> dict[str, str]:
     """Environment for a child Python process: the repository on the path (so the child
-    imports `tests.factories` and `tests.helpers`), fake CPU devices, the compilation cache."""
+    imports `tests.factories` and `tests.helpers`), `num_devices` fake CPU devices and this
+    process's environment, which holds the suite's compilation cache and XLA flags
+    (tests/conftest.py)."""
     env = dict(os.environ)
     paths = (str(REPO_ROOT), env.get("PYTHONPATH", ""))
     env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
     env["JAX_PLATFORMS"] = "cpu"
     env["TF_CPP_MIN_LOG_LEVEL"] = "2"
     if num_devices is not None:
-        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={num_devices}"
-    env.update(CACHE_ENV)
+        flags = [f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f]
+        flags.append(f"--xla_force_host_platform_device_count={num_devices}")
+        env["XLA_FLAGS"] = " ".join(flags)
     env.update(extra)
     return env
 
@@ -121,6 +118,47 @@ def run_python(
             f"STDERR:\n{proc.stderr[-8000:]}"
         )
     return proc
+
+
+def run_together(
+    commands: list[list[str]], *, env: dict[str, str], timeout: float = 600
+) -> list[subprocess.CompletedProcess]:
+    """Runs `commands` at the same time (the processes of one multi-process run) and waits
+    for all of them; whatever still runs `timeout` seconds after the start is killed.
+
+    Each process writes to its own temporary files, not to pipes: a process of a collective
+    run whose pipe is full (the parent reading another process) would block there, and the
+    others would wait for it at their next barrier until the barrier times out.
+
+    Returns:
+        One `CompletedProcess` per command (returncode, stdout, stderr), in order.
+    """
+    deadline = time.monotonic() + timeout
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
+        streams, procs = [], []
+        try:
+            for i, command in enumerate(commands):
+                out = stack.enter_context(open(Path(tmp) / f"{i}.out", "w+"))
+                err = stack.enter_context(open(Path(tmp) / f"{i}.err", "w+"))
+                streams.append((out, err))
+                procs.append(
+                    subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=out, stderr=err)
+                )
+            for p in procs:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    p.wait(timeout=max(deadline - time.monotonic(), 0))
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+        results = []
+        for command, p, (out, err) in zip(commands, procs, streams, strict=True):
+            out.seek(0)
+            err.seek(0)
+            result = subprocess.CompletedProcess(command, p.returncode, out.read(), err.read())
+            results.append(result)
+        return results
 
 
 def main_command(config_path: str | Path, workdir: str | Path, *extra: str) -> list[str]:

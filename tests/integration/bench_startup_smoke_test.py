@@ -17,17 +17,15 @@ import pytest
 from tests import helpers
 
 
-def _run_benchmark(
-    name: str, *args: str, compile_cache: bool = True
-) -> subprocess.CompletedProcess:
+def _run_benchmark(name: str, *args: str) -> subprocess.CompletedProcess:
     """`python -m benchmarks.<name> args` in a child process; fails the test if it fails.
 
-    Without `compile_cache` the child gets this process's environment (no persistent XLA
-    cache: the start-up benchmark measures compilation)."""
+    The start-up benchmark measures compilation: it runs its own children without the
+    suite's persistent XLA cache."""
     proc = subprocess.run(
         [sys.executable, "-m", f"benchmarks.{name}", *args],
         cwd=helpers.REPO_ROOT,
-        env=helpers.subprocess_env() if compile_cache else None,
+        env=helpers.subprocess_env(),
         capture_output=True,
         text=True,
         timeout=900,
@@ -40,7 +38,7 @@ def _run_benchmark(
 def test_startup_benchmark_measures_each_variant_in_a_fresh_process(tmp_path: Path) -> None:
     out = tmp_path / "startup.json"
     args = ["--quick", "--lengths", "128", "--depths", "6", "--variants", "scanned,unrolled+xla"]
-    proc = _run_benchmark("bench_startup", *args, "--out", str(out), compile_cache=False)
+    proc = _run_benchmark("bench_startup", *args, "--out", str(out))
     data = json.loads(out.read_text())
     names = [c["name"] for c in data["cases"]]
     assert names == ["train 1 x 128", "forward 128"]

@@ -61,34 +61,20 @@ def test_two_processes_match_one_process_with_four_devices(tmp_path: Path, enwik
 
     multi = tmp_path / "multi"
     port = helpers.free_port()
-    procs = [
-        subprocess.Popen(
-            helpers.main_command(
-                config_path,
-                multi,
-                f"--coordinator_address=127.0.0.1:{port}",
-                "--num_processes=2",
-                f"--process_id={i}",
-            ),
-            cwd=helpers.REPO_ROOT,
-            env=helpers.subprocess_env(num_devices=2),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
+    commands = [
+        helpers.main_command(
+            config_path,
+            multi,
+            f"--coordinator_address=127.0.0.1:{port}",
+            "--num_processes=2",
+            f"--process_id={i}",
         )
         for i in range(2)
     ]
-    logs = []
-    try:
-        for p in procs:
-            _, err = p.communicate(timeout=600)
-            logs.append(err)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for i, p in enumerate(procs):
-        assert p.returncode == 0, f"process {i}:\n{logs[i][-6000:]}"
+    results = helpers.run_together(commands, env=helpers.subprocess_env(num_devices=2))
+    for i, result in enumerate(results):
+        assert result.returncode == 0, f"process {i}:\n{result.stderr[-6000:]}"
+    logs = [result.stderr for result in results]
     for i, log in enumerate(logs):
         assert f"Process {i}/2" in log
         assert "4 global devices" in log

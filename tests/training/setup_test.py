@@ -3,7 +3,7 @@ the compiler options of the jitted steps.
 
 Oracles: the logical-axis rules (which mesh axes each parameter and batch dimension must
 map to), the row order of the micro-batches worked out by hand, XLA's refusal of an unknown
-option (the options reach the compiler), and the same steps compiled with XLA's defaults.
+option (the options reach the compiler), and the same steps compiled at XLA's default level.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import jax
 import numpy as np
 import pytest
 
+from megalodon_flax.compiler_options import CPU_OPTIONS, compiler_options
 from megalodon_flax.training import setup as training_setup
 from megalodon_flax.training.setup import setup_training
 from megalodon_flax.training.steps import create_train_state
@@ -79,7 +80,8 @@ def test_the_steps_pass_their_compiler_options_to_xla(monkeypatch: pytest.Monkey
 
 
 def test_cpu_options_keep_the_steps_numerics(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A train step and an eval step agree with the same steps under XLA's defaults."""
+    """A train step and an eval step agree with the same steps at XLA's default level (2,
+    given explicitly: the suite itself compiles at level 0, tests/conftest.py)."""
     config = tiny_train_config()
     batches = [_local_batch(config, seed) for seed in range(2)]
 
@@ -94,11 +96,23 @@ def test_cpu_options_keep_the_steps_numerics(monkeypatch: pytest.MonkeyPatch) ->
         requested.append(platform)
         return real_options(platform)
 
+    monkeypatch.setenv("XLA_FLAGS", "")
     monkeypatch.setattr(training_setup, "compiler_options", recording)
     tuned = run(setup_training(config))
-    assert requested == ["cpu"] and real_options("cpu") is not None  # tuned differs from default
-    monkeypatch.setattr(training_setup, "compiler_options", lambda platform: None)
+    assert requested == ["cpu"] and real_options("cpu") == CPU_OPTIONS
+    assert CPU_OPTIONS["xla_backend_optimization_level"] != 2  # tuned differs from default
+    default_level = {"xla_backend_optimization_level": 2}
+    monkeypatch.setattr(training_setup, "compiler_options", lambda platform: default_level)
     default = run(setup_training(config))
     jax.tree.map(
         lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6), tuned, default
     )
+
+
+def test_a_level_in_xla_flags_overrides_the_cpu_options(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+    assert compiler_options("cpu") == CPU_OPTIONS
+    assert compiler_options("cpu") is not compiler_options("cpu")  # a fresh dict each call
+    assert compiler_options("gpu") is None and compiler_options("tpu") is None
+    monkeypatch.setenv("XLA_FLAGS", "--xla_backend_optimization_level=3")
+    assert compiler_options("cpu") is None

@@ -103,16 +103,22 @@ def test_train_step_matches_independent_gradient_and_adamw(shared, apply_fn) -> 
 
 @contextlib.contextmanager
 def _backend_compiles():
-    """Collects the XLA compilations that happen inside the block (JAX's monitoring events;
-    unlike a jitted function's cache size, not affected by the global cache's evictions)."""
-    events: list[float] = []
+    """Collects the programs compiled or fetched from the persistent compilation cache inside
+    the block (JAX's monitoring events; unlike a jitted function's cache size, not affected by
+    the global cache's evictions)."""
+    events: list[str] = []
     active = [True]
 
-    def listener(event: str, duration: float, **_: object) -> None:
+    def compiled(event: str, duration: float, **_: object) -> None:
         if active[0] and event == "/jax/core/compile/backend_compile_duration":
-            events.append(duration)
+            events.append(event)
 
-    jax.monitoring.register_event_duration_secs_listener(listener)
+    def fetched(event: str, **_: object) -> None:
+        if active[0] and event == "/jax/compilation_cache/cache_hits":
+            events.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(compiled)
+    jax.monitoring.register_event_listener(fetched)
     try:
         yield events
     finally:
