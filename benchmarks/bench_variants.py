@@ -4,15 +4,16 @@ scanned vs unrolled layers.
 Sections (each a table and a JSON list; variants of one case are timed alternately; compute
 dtype `--dtype`, float32 by default):
   remat:     train step (fwd + bwd + AdamW) at batch 1 × 512 and 1 × 8,192 tokens for
-             every `remat_policy`: median/min/max ms and XLA's compiled memory (temporaries
-             and the peak estimate temp + arguments + outputs − aliases).
+             every `remat_policy` with scanned layers (the training default's layout), and
+             unrolled without remat as the reference: median/min/max ms and XLA's compiled
+             memory (temporaries and the peak estimate temp + arguments + outputs − aliases).
   attention: `attention_impl` "xla" vs "dot_product": the train step at 4 × 512 and the
              forward at 1 × 32,768 tokens (values, gradients: tests/megalodon).
-  layers:    `scan_layers` on and off: the train step at 4 × 512 (scanned with
-             "save_dots_no_batch" and with no remat, unrolled with no remat) and the
-             forward at 32,768.
+  layers:    `scan_layers` on and off: the train step at 4 × 512 (scanned with the
+             training default's policy, with "save_dots_spectra_probs" and with no remat;
+             unrolled with no remat) and the forward at 32,768.
   compiler:  the project's `compiler_options` for the platform against XLA's defaults: the
-             train step at 4 × 512 (unrolled, and scanned with "save_dots_no_batch") and
+             train step at 4 × 512 (unrolled, and scanned with the default policy) and
              the unrolled forward at 32,768.
 
 Run from the repository root:
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -37,12 +39,15 @@ from benchmarks import common
 from benchmarks.bench_model import ForwardRunner, OursModel, TrainRunner, run_cases
 from megalodon_flax.layers.remat import REMAT_POLICIES
 from megalodon_flax.megalodon import layer_stack
+from megalodon_flax.training.config import TrainConfig
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_OUT = os.path.join(HERE, "results", "bench_variants.json")
 SECTIONS = ("remat", "attention", "layers", "compiler")
-# The scanned train step's fastest remat policy (RESULTS.md, "Execution options").
-SCANNED_TRAIN = {"scan_layers": True, "remat_policy": "save_dots_no_batch"}
+# The training default's layout and remat policy (RESULTS.md, "Execution options").
+_DEFAULT_MODEL = TrainConfig().model
+SCANNED_TRAIN = {"scan_layers": True, "remat_policy": _DEFAULT_MODEL.remat_policy}
+UNROLLED = {"scan_layers": False, "remat_policy": "none"}
 
 
 # Variant key that is not a config field: "platform" compiles with the project's
@@ -90,9 +95,17 @@ def measure(
         if rec.get("median_ms"):
             rec["tokens_per_s"] = round(batch * length / (rec["median_ms"] / 1e3), 1)
         records.append(rec)
+    reference = next((r for r, v in zip(records, variants, strict=True) if v == UNROLLED), None)
+    for rec in records:
+        times, ref_times = rec.get("times_ms"), (reference or {}).get("times_ms")
+        if times and ref_times and len(times) == len(ref_times):
+            # Median of the per-repeat ratios (the variants alternate repeat by repeat).
+            ratios = [a / b for a, b in zip(times, ref_times, strict=True)]
+            rec["paired_vs_unrolled"] = round(statistics.median(ratios), 3)
         mem = rec.get("memory", {})
         log(
-            f"  {case.name}: {rec.get('median_ms')} ms, temp {mem.get('temp_mib')} MiB, "
+            f"  {rec['model']}: {rec.get('median_ms')} ms "
+            f"(x{rec.get('paired_vs_unrolled')} unrolled), temp {mem.get('temp_mib')} MiB, "
             f"peak {mem.get('peak_estimate_mib')} MiB {rec.get('error', '')}"
         )
     return records
@@ -117,14 +130,15 @@ def render(results: dict[str, Any]) -> str:
                     common.fmt(r.get("lower_plus_compile_s"), ".1f"),
                     f"{common.fmt(r.get('median_ms'))} ({common.fmt(r.get('min_ms'))}-"
                     f"{common.fmt(r.get('max_ms'))})",
+                    common.fmt(r.get("paired_vs_unrolled"), ".3f"),
                     common.fmt(mem.get("temp_mib"), ".0f"),
                     common.fmt(mem.get("peak_estimate_mib"), ".0f"),
                     (r.get("error") or "")[:40],
                 ]
             )
         if rows:
-            headers = ["kind", "B x L", "variant", "compile s", "ms (min-max)", "temp MiB"]
-            out.append(common.table(title, [*headers, "peak MiB", "error"], rows))
+            headers = ["kind", "B x L", "variant", "compile s", "ms (min-max)", "/ unrolled"]
+            out.append(common.table(title, [*headers, "temp MiB", "peak MiB", "error"], rows))
     return "\n\n".join(out)
 
 
@@ -173,7 +187,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     }
     seq = 128 if args.quick else 512
     if "remat" in args.sections:
-        policies = [{"remat_policy": p} for p in REMAT_POLICIES]
+        policies = [{"scan_layers": True, "remat_policy": p} for p in REMAT_POLICIES]
+        policies.append(UNROLLED)
         results["remat"] = []
         for length in args.remat_lengths:
             results["remat"] += measure("remat", "train", base, policies, 1, length, args, log)
@@ -187,8 +202,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if "layers" in args.sections:
         train_layouts = [
             SCANNED_TRAIN,
+            {"scan_layers": True, "remat_policy": "save_dots_spectra_probs"},
             {"scan_layers": True, "remat_policy": "none"},
-            {"scan_layers": False, "remat_policy": "none"},
+            UNROLLED,
         ]
         forward_layouts = [{"scan_layers": s} for s in (True, False)]
         results["layers"] = measure(
@@ -198,9 +214,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if "compiler" in args.sections:
         both = [{OPTIONS_KEY: "platform"}, {OPTIONS_KEY: "xla_defaults"}]
         train_variants = [
-            {**layout, **options}
-            for layout in ({"scan_layers": False}, SCANNED_TRAIN)
-            for options in both
+            {**layout, **options} for layout in (UNROLLED, SCANNED_TRAIN) for options in both
         ]
         forward_variants = [{"scan_layers": False, **options} for options in both]
         results["compiler"] = measure(

@@ -2,10 +2,13 @@
 megalodon-jax in the same run. `benchmarks/gpu_check.sh` runs it.
 
 Sections (ours and megalodon-jax alternating repeat by repeat, medians with min-max):
-  train:    the enwik8 config's train step (fwd + bwd + AdamW) at 16 × 512 in bf16 compute:
-            ms/step, tokens/s, MFU (XLA's FLOP count of the step / time / the chip's peak
-            dense bf16 FLOP/s), and `--steps` consecutive steps timed as one run
-            (the target: 1,200 steps in under 20 s plus compile).
+  train:    the enwik8 experiment's train step (fwd + bwd + AdamW) at 16 × 512 in bf16
+            compute, with the training default's layers (scanned, rematted) and unrolled
+            without remat: ms/step, tokens/s, MFU (the model's FLOPs per step / time / the
+            chip's peak dense bf16 FLOP/s; the model's FLOPs are XLA's count of the
+            unrolled step without remat, since XLA counts a loop's body once), and
+            `--steps` consecutive steps timed as one run (the target: 1,200 steps in under
+            20 s plus compile).
   forward:  batch-1 forwards at 32K and 128K tokens.
   scaling:  our batch-1 forward at longer lengths up to 1M tokens: ms per 1K tokens (flat
             across the forward and scaling rows means linear in length).
@@ -39,6 +42,8 @@ import megalodon_flax as mf
 from benchmarks import common
 from benchmarks.bench_generate import OursGen, PeerGen
 from benchmarks.bench_model import ForwardRunner, OursModel, PeerModel, TrainRunner, run_cases
+from megalodon_flax.megalodon import layer_stack
+from megalodon_flax.training.config import TrainConfig
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_OUT = os.path.join(HERE, "results", "gpu_check.json")
@@ -89,6 +94,8 @@ def step_flops(compiled: Any) -> float | None:
 
 
 SECTIONS = ("train", "forward", "scaling", "generate")
+# The train section's second row of ours: unrolled layers, no remat.
+UNROLLED = f"{common.OURS} unrolled"
 
 
 def trace_steps(runner: TrainRunner, steps: int, trace_dir: str) -> None:
@@ -103,6 +110,8 @@ def trace_steps(runner: TrainRunner, steps: int, trace_dir: str) -> None:
 def train_section(
     models: dict[str, Any], sizes: dict[str, Any], log: Callable, trace_dir: str | None = None
 ) -> list[dict]:
+    """The train step of every model in `models`, alternating; `UNROLLED`'s FLOP count is
+    the model FLOPs of every row's MFU."""
     batch, seq = sizes["train_batch"], sizes["train_seq"]
     tokens = common.random_tokens(batch, seq, 256, 1)
     runners: dict[str, TrainRunner] = {}
@@ -117,15 +126,18 @@ def train_section(
     log(f"train bf16 {batch} x {seq} ...")
     _, peak = peak_flops()
     records = []
-    for case in run_cases(builders, sizes["repeats"], 1):
+    cases = run_cases(builders, sizes["repeats"], 1)
+    unrolled = runners.get(UNROLLED)
+    model_flops = step_flops(unrolled.compiled) if unrolled is not None else None
+    for case in cases:
         rec = common.case_record(case, batch=batch, seq=seq, dtype="bfloat16")
         runner = runners.get(case.name)
         if rec.get("median_ms") and runner is not None:
             rec["tokens_per_s"] = round(batch * seq / (rec["median_ms"] / 1e3), 1)
-            flops = step_flops(runner.compiled)
-            rec["xla_flops_per_step"] = flops
-            if flops and peak:
-                rec["mfu"] = round(flops / (rec["median_ms"] / 1e3) / peak, 4)
+            rec["xla_flops_per_step"] = step_flops(runner.compiled)
+            rec["model_flops_per_step"] = model_flops
+            if model_flops and peak:
+                rec["mfu"] = round(model_flops / (rec["median_ms"] / 1e3) / peak, 4)
             start = time.perf_counter()
             for _ in range(sizes["steps"]):
                 runner.run()
@@ -286,15 +298,21 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "peak_bf16_flops": peak,
         "sizes": sizes,
     }
-    cfg = mf.enwik8_config(compute_dtype="bfloat16")
-    models: dict[str, Any] = {common.OURS: OursModel(cfg)}
+    cfg = TrainConfig().model  # the enwik8 experiment: bf16, scanned layers with remat
+    ours = OursModel(cfg)
+    models: dict[str, Any] = {common.OURS: ours}
     with_peer = not args.skip_peer and common.peer_available()[0]
     if with_peer:
         models[common.PEER] = PeerModel(cfg)
+    unrolled_cfg = cfg.replace(scan_layers=False, remat_policy="none")
+    train_models = {
+        **models,
+        UNROLLED: OursModel(unrolled_cfg, layer_stack.to_layout(ours.params, False)),
+    }
     results["peer"] = common.package_version("megalodon-jax") if with_peer else None
     log(f"device {kind}, backend {results['backend']}, peer {results['peer']}")
     sections: list[tuple[str, Callable[[], list[dict]]]] = [
-        ("train", lambda: train_section(models, sizes, log, args.trace)),
+        ("train", lambda: train_section(train_models, sizes, log, args.trace)),
         ("forward", lambda: forward_section(models, sizes["lengths"], sizes["repeats"], log)),
         (
             "scaling",

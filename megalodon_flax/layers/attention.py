@@ -11,6 +11,9 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+from megalodon_flax.layers import remat
 
 DropoutFn = Callable[[jax.Array], jax.Array]
 MASKED_SCORE = -1e30
@@ -42,11 +45,12 @@ def masked_attention(
 
 
 def _attention_probs(q: jax.Array, k: jax.Array, allowed: jax.Array) -> jax.Array:
-    """float32 probabilities (..., H, Lq, Lk); exactly 0 where not allowed."""
+    """float32 probabilities (..., H, Lq, Lk); exactly 0 where not allowed (tagged for remat)."""
     scores = jnp.einsum("...qhd,...khd->...hqk", q, k, preferred_element_type=jnp.float32)
     scores = jnp.where(allowed, scores, MASKED_SCORE)
     probs = jax.nn.softmax(scores, axis=-1)
-    return jnp.where(jnp.any(allowed, axis=-1, keepdims=True), probs, 0.0)
+    probs = jnp.where(jnp.any(allowed, axis=-1, keepdims=True), probs, 0.0)
+    return checkpoint_name(probs, remat.ATTENTION_PROBS)
 
 
 def _probs_times_values(probs: jax.Array, v: jax.Array, compute_dtype) -> jax.Array:

@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
+from megalodon_flax.layers import remat
 from megalodon_flax.layers.segments import Segments
 from megalodon_flax.megalodon import context_parallel
 from megalodon_flax.megalodon.cema_powers import (
@@ -46,12 +48,17 @@ def fft_length(length: int) -> int:
     return max(2, 1 << (2 * length - 2).bit_length())
 
 
+def _named_complex(z: jax.Array, name: str) -> jax.Array:
+    """z (complex) with its real and imaginary parts tagged `name` for remat policies."""
+    return jax.lax.complex(checkpoint_name(jnp.real(z), name), checkpoint_name(jnp.imag(z), name))
+
+
 def causal_convolution(x: jax.Array, kernel: jax.Array) -> jax.Array:
     """y[..., t] = Σ_{j ≤ t} kernel[..., j] x[..., t − j] by real FFTs; x (B,D,L), kernel (D,L)."""
     length = x.shape[-1]
     n_fft = fft_length(length)
-    x_f = jnp.fft.rfft(x, n=n_fft)
-    k_f = jnp.fft.rfft(kernel, n=n_fft)
+    x_f = _named_complex(jnp.fft.rfft(x, n=n_fft), remat.CEMA_SPECTRUM)
+    k_f = _named_complex(jnp.fft.rfft(kernel, n=n_fft), remat.CEMA_KERNEL_SPECTRUM)
     return jnp.fft.irfft(x_f * k_f, n=n_fft)[..., :length]
 
 
@@ -287,25 +294,29 @@ def cema(
     starts from a zero state. `segments` (the run layout of the whole rows) resets the state
     at every run start (a fresh call that returns no state): the "fft" path then runs
     `cema_blocked_resets`, "scan" and "sequential" their recurrences with A_t = 0 at run
-    starts, each shard of a split from a zero state.
+    starts, each shard of a split from a zero state. Unsplit over a mesh, each device runs
+    its own rows (`context_parallel.per_row`).
     """
     x = x.astype(jnp.float32)
     if split is not None and h_init is not None:
         raise ValueError("a CEMA split over a context axis starts from a zero state")
-    if segments is not None:
-        if h_init is not None or return_state:
-            raise ValueError(
-                "a CEMA over packed rows (segments) starts from a zero state and returns no state"
-            )
-        if split is None:
-            y, _ = _moving_average_with_resets(coeffs, x, segments, path, False)
-        else:
-            y, _ = sharded_moving_average(coeffs, x, path, block, split, segments)
-        state = None
-    elif split is None:
-        y, state = _moving_average(coeffs, x, h_init, path, return_state, block)
+    if segments is not None and (h_init is not None or return_state):
+        raise ValueError(
+            "a CEMA over packed rows (segments) starts from a zero state and returns no state"
+        )
+    if split is None:
+
+        def rows_average(
+            coeffs: CemaCoefficients, rows: tuple
+        ) -> tuple[jax.Array, jax.Array | None]:
+            x, h_init, segments = rows
+            if segments is not None:
+                return _moving_average_with_resets(coeffs, x, segments, path, False)[0], None
+            return _moving_average(coeffs, x, h_init, path, return_state, block)
+
+        y, state = context_parallel.per_row(rows_average, coeffs, (x, h_init, segments))
     else:
-        y, state = sharded_moving_average(coeffs, x, path, block, split)
+        y, state = sharded_moving_average(coeffs, x, path, block, split, segments)
         state = state if return_state else None
     y = y + omega.astype(jnp.float32)[:, None] * x
     return y, state

@@ -86,6 +86,10 @@ class CEMA(nn.Module):
             mask = segments.valid
         if mask is not None:
             x32 = jnp.where(mask[..., None], x32, 0.0)
+        # Channels whole on every device: left to propagation, a tensor-parallel mesh split
+        # them, and with scanned layers XLA's CPU layout assignment then handed the FFT a
+        # transposed operand that its runtime refuses (fft_thunk RET_CHECK).
+        x32 = nn.with_logical_constraint(x32, ("batch", "length", "act_embed"))
         y, new_state = cema(
             coeffs,
             omega,
@@ -97,4 +101,5 @@ class CEMA(nn.Module):
             split=split,
             segments=segments,
         )
-        return jnp.swapaxes(y, 1, 2).astype(x.dtype), new_state
+        y = nn.with_logical_constraint(jnp.swapaxes(y, 1, 2), ("batch", "length", "act_embed"))
+        return y.astype(x.dtype), new_state

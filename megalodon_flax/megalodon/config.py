@@ -38,12 +38,15 @@ class MegalodonConfig(MappingConfig):
         softmax and logits always compute in float32.
       remat_policy: what the backward pass keeps of each block's forward pass
         (`layers.remat.REMAT_POLICIES`): "none", "full" (recompute the block),
-        "save_dots" or "save_dots_no_batch" (keep matmul outputs).
+        "save_dots" or "save_dots_no_batch" (keep matmul outputs), or
+        "save_dots_spectra_probs" (also CEMA's FFT spectra and the attention
+        probabilities).
       scan_layers: run the blocks under `nn.scan` over parameters stacked on a leading
-        "layers" axis (one traced block: compile time flat in depth, less memory for long
-        forwards). The parameter tree and cache differ by layout; `megalodon.layer_stack`
-        converts between them. Off by default: on CPU the scanned train step measured
-        10-20 % slower (benchmarks/RESULTS.md, "Execution options").
+        "layers" axis (one traced block: compile time flat in depth, less memory). The
+        parameter tree and cache differ by layout; `megalodon.layer_stack` converts between
+        them. Scanned blocks want a remat policy (without one the loop stacks every
+        layer's residuals): the training default (`training.config`) is scanned with
+        "save_dots_no_batch" (benchmarks/RESULTS.md, "Execution options").
       attention_impl: chunk-local attention kernel: "xla" (the masked softmax of
         `layers.attention`), "dot_product" (`jax.nn.dot_product_attention` with chunks
         folded into the batch: cuDNN's fused attention on NVIDIA GPUs in bfloat16, XLA

@@ -10,7 +10,9 @@ summaries, and each shard folds the summaries of the shards before it into its i
 start, which cuts the fold, and attention takes the previous shard's last chunk of keys and
 values (a run crossing the boundary keeps its own chunk grid). This module holds the
 mesh-facing pieces; `timestep_norm`, `cema` and `chunked_attention` hold the summaries, their
-merges and the halo attention.
+merges and the halo attention. It also holds `per_row`, which runs a function on each device's
+own rows when the sequence is not split (XLA's partitioner gathers a batched FFT over the batch
+axes, so that every device would transform every row).
 """
 
 from __future__ import annotations
@@ -145,3 +147,40 @@ def active_split(batch: int, length: int) -> ContextSplit | None:
     if size <= 1 or length % size or batch % math.prod(mesh.shape[a] for a in rows):
         return None
     return ContextSplit(axis=names[0], batch=rows)
+
+
+def row_axes(batch: int) -> tuple[str, ...]:
+    """The mesh axes (of more than one device) that the logical `batch` axis maps to under the
+    active rules and mesh, when they divide `batch`; () otherwise (no mesh, size-1 axes)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    rules = nn.get_logical_axis_rules()
+    if mesh.empty or not rules:
+        return ()
+    axes = tuple(a for a in _mesh_axes("batch", rules) if mesh.shape.get(a, 1) > 1)
+    if not axes or batch % math.prod(mesh.shape[a] for a in axes):
+        return ()
+    return axes
+
+
+def per_row(fn: Callable[[Any, Any], T], replicated: Any, rows: Any) -> T:
+    """fn(replicated, rows) with each device's rows on their own.
+
+    `rows` is a pytree whose leaves lead with the B rows, and so is fn's result. Over the
+    mesh axes of `row_axes(B)` fn runs per shard of rows (`jax.shard_map`, manual over those
+    axes only); without them it is called directly. `replicated` (alike for every row) is
+    marked per-shard inside, so that the backward pass sums its cotangents over the shards
+    once, at its own size.
+    """
+    axes = row_axes(jax.tree.leaves(rows)[0].shape[0])
+    if not axes:
+        return fn(replicated, rows)
+
+    def body(replicated: Any, rows: Any) -> T:
+        local = jax.tree.map(lambda a: jax.lax.pcast(a, axes, to="varying"), replicated)
+        return fn(local, rows)
+
+    spec = PartitionSpec(axes)
+    mapped = jax.shard_map(
+        body, in_specs=(PartitionSpec(), spec), out_specs=spec, axis_names=set(axes)
+    )
+    return mapped(replicated, rows)

@@ -97,14 +97,19 @@ def test_gpu_check_runs_on_cpu_at_small_sizes(tmp_path: Path, monkeypatch) -> No
     assert json.loads(out.read_text()) == json.loads(json.dumps(data, default=str))
     assert set(data["section_s"]) == set(gpu_check.SECTIONS)
     assert data["generate"] == first["generate"]
-    (train,) = data["train"]
-    assert "error" not in train, train
-    tokens = train["batch"] * train["seq"]
-    assert train["tokens_per_s"] == pytest.approx(tokens / (train["median_ms"] / 1e3), abs=0.06)
-    assert train["xla_flops_per_step"] > 6 * 11e6 * tokens  # at least 6·params·tokens
-    assert "mfu" not in train  # a CPU has no peak in the table
-    # consecutive_s is rounded to 1 ms (×600: 0.3 s), the projection to 0.01 s.
-    assert train["projected_1200_steps_s"] == pytest.approx(train["consecutive_s"] * 600, abs=0.31)
+    train, unrolled = data["train"]
+    assert (train["model"], unrolled["model"]) == ("ours", gpu_check.UNROLLED)
+    for row in (train, unrolled):
+        assert "error" not in row, row
+        tokens = row["batch"] * row["seq"]
+        assert row["tokens_per_s"] == pytest.approx(tokens / (row["median_ms"] / 1e3), abs=0.06)
+        assert row["model_flops_per_step"] > 6 * 11e6 * tokens  # at least 6·params·tokens
+        assert "mfu" not in row  # a CPU has no peak in the table
+        # consecutive_s is rounded to 1 ms (×600: 0.3 s), the projection to 0.01 s.
+        assert row["projected_1200_steps_s"] == pytest.approx(row["consecutive_s"] * 600, abs=0.31)
+    # The model's FLOPs are the unrolled step's count; XLA counts the scanned loop body once.
+    assert unrolled["xla_flops_per_step"] == unrolled["model_flops_per_step"]
+    assert train["xla_flops_per_step"] < train["model_flops_per_step"] / 3
     assert [r["length"] for r in data["scaling"]] == [64, 128]
     for r in data["forward"] + data["scaling"]:
         assert r["ms_per_1k_tokens"] == pytest.approx(r["median_ms"] * 1000 / r["length"], abs=6e-4)

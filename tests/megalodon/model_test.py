@@ -587,7 +587,12 @@ def _plain_loss_and_grads():
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("policy", "scan_layers"),
-    [("full", False), ("save_dots_no_batch", False), ("save_dots", True)],
+    [
+        ("full", False),
+        ("save_dots_no_batch", False),
+        ("save_dots", True),
+        ("save_dots_spectra_probs", True),
+    ],
 )
 def test_remat_gives_identical_loss_and_gradients(policy: str, scan_layers: bool) -> None:
     """Every remat policy recomputes (part of) the blocks in the backward pass, unrolled or

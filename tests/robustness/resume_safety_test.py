@@ -82,8 +82,11 @@ def test_changes_that_keep_the_model_are_logged_and_resume(trained, tmp_path, ca
     source, config = trained
     workdir = tmp_path / "run"
     shutil.copytree(source, workdir)
+    scanned = config.model.scan_layers
     changed = dataclasses.replace(
-        _with_model(config, remat_policy="full", scan_layers=True, cema_path="scan", dropout=0.1),
+        _with_model(
+            config, remat_policy="full", scan_layers=not scanned, cema_path="scan", dropout=0.1
+        ),
         num_train_steps=5,
         batch_size=4,
         seed=3,
@@ -94,8 +97,8 @@ def test_changes_that_keep_the_model_are_logged_and_resume(trained, tmp_path, ca
     assert int(state.step) == 5
     warnings = "\n".join(r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING)
     for expected in (
-        "remat_policy: 'none' -> 'full'",
-        "scan_layers: False -> True",
+        f"remat_policy: {config.model.remat_policy!r} -> 'full'",
+        f"scan_layers: {scanned} -> {not scanned}",
         "cema_path: 'fft' -> 'scan'",
         "dropout: 0.0 -> 0.1",
         "batch_size: 8 -> 4",
@@ -106,7 +109,7 @@ def test_changes_that_keep_the_model_are_logged_and_resume(trained, tmp_path, ca
         assert expected in warnings, (expected, warnings)
     saved = json.loads((workdir / "config.json").read_text())
     assert saved["seed"] == 3 and saved["model"]["remat_policy"] == "full"
-    assert saved["model"]["scan_layers"] is True
+    assert saved["model"]["scan_layers"] is (not scanned)
 
 
 def _logits(config, params, tokens):

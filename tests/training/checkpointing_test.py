@@ -115,17 +115,21 @@ def test_checkpoint_restores_into_the_other_layer_layout(
 
 
 @pytest.mark.parametrize(
-    ("change", "expect"),
+    ("scanned", "change", "expect"),
     [
-        ({"model_dim": 32}, r"params/model/embed/embedding: checkpoint shape \(256, 16\)"),
-        ({"num_layers": 2}, r"missing in the checkpoint: params/model/layers_1"),
-        ({"swiglu": False}, r"not in the current model: params/model/layers_0/ffn/fc3"),
+        (True, {"model_dim": 32}, r"params/model/embed/embedding: checkpoint shape \(256, 16\)"),
+        (True, {"num_layers": 2}, r"params/model/layers/attn/beta: checkpoint shape \(1, 2, 8\)"),
+        (True, {"swiglu": False}, r"not in the current model: params/model/layers/ffn/fc3"),
+        (False, {"num_layers": 2}, r"missing in the checkpoint: params/model/layers_1"),
+        (False, {"swiglu": False}, r"not in the current model: params/model/layers_0/ffn/fc3"),
     ],
 )
-def test_mismatched_model_stops_with_clear_error(tmp_path: Path, change, expect) -> None:
-    setup = setup_training(tiny_train_config())
+def test_mismatched_model_stops_with_clear_error(
+    tmp_path: Path, scanned: bool, change, expect
+) -> None:
+    setup = setup_training(tiny_train_config(model={"scan_layers": scanned}))
     _save(tmp_path, setup, _random_state(setup, 0), 4)
-    other = setup_training(tiny_train_config(model=change))
+    other = setup_training(tiny_train_config(model={"scan_layers": scanned, **change}))
     with pytest.raises(checkpointing.CheckpointError) as info:
         helpers.restore_checkpoint(tmp_path, other)
     message = str(info.value)
