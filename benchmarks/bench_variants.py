@@ -15,6 +15,10 @@ dtype `--dtype`, float32 by default):
   compiler:  the project's `compiler_options` for the platform against XLA's defaults: the
              train step at 4 × 512 (unrolled, and scanned with the default policy) and
              the unrolled forward at 32,768.
+  generate:  `scan_layers` on and off for greedy generation (`sampling.generate`, prefill +
+             decode loop) of `--new-tokens` after a 1 × 384 prompt, and of one token (the
+             prefill alone): per-call ms, decode ms per token = (t(T) − t(1)) / (T − 1),
+             and compile time (`sampling.lower_generate`).
 
 Run from the repository root:
   python -m benchmarks.bench_variants                       # the tables in RESULTS.md
@@ -34,16 +38,19 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import jax
+
 import megalodon_flax as mf
 from benchmarks import common
 from benchmarks.bench_model import ForwardRunner, OursModel, TrainRunner, run_cases
 from megalodon_flax.layers.remat import REMAT_POLICIES
 from megalodon_flax.megalodon import layer_stack
+from megalodon_flax.sampling import generate, lower_generate
 from megalodon_flax.training.config import TrainConfig
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_OUT = os.path.join(HERE, "results", "bench_variants.json")
-SECTIONS = ("remat", "attention", "layers", "compiler")
+SECTIONS = ("remat", "attention", "layers", "compiler", "generate")
 # The training default's layout and remat policy (RESULTS.md, "Execution options").
 _DEFAULT_MODEL = TrainConfig().model
 SCANNED_TRAIN = {"scan_layers": True, "remat_policy": _DEFAULT_MODEL.remat_policy}
@@ -55,8 +62,44 @@ UNROLLED = {"scan_layers": False, "remat_policy": "none"}
 OPTIONS_KEY = "compiler_options"
 
 
+class GenerateRunner:
+    """Greedy `generate` of `new_tokens` after fixed prompt tokens (prefill + decode loop)."""
+
+    def __init__(self, model: OursModel, prompt: jax.Array, new_tokens: int) -> None:
+        self.model, self.prompt, self.new_tokens = model, prompt, new_tokens
+        self.key = jax.random.PRNGKey(0)
+
+    def prepare(self) -> dict[str, Any]:
+        # The compile facts of the program `generate` dispatches to; the warm-up call then
+        # compiles it once more through generate's own jit cache.
+        start = time.perf_counter()
+        lowered = lower_generate(
+            self.model.module, self.model.params, self.prompt, self.new_tokens, self.key, 0.0
+        )
+        mid = time.perf_counter()
+        compiled = lowered.compile()
+        end = time.perf_counter()
+        return {
+            "lower_s": round(mid - start, 3),
+            "compile_s": round(end - mid, 3),
+            "lower_plus_compile_s": round(end - start, 3),
+            "memory": common.compiled_memory(compiled),
+        }
+
+    def run(self) -> None:
+        out = generate(
+            self.model.module, self.model.params, self.prompt, self.new_tokens, self.key, 0.0
+        )
+        common.block(out)
+
+
 def _variant_builder(
-    kind: str, base: OursModel, overrides: dict[str, Any], batch: int, length: int
+    kind: str,
+    base: OursModel,
+    overrides: dict[str, Any],
+    batch: int,
+    length: int,
+    new_tokens: int = 0,
 ) -> Callable[[], common.Case]:
     fields = {k: v for k, v in overrides.items() if k != OPTIONS_KEY}
     cfg = base.cfg.replace(**fields)
@@ -69,8 +112,10 @@ def _variant_builder(
         tokens = common.random_tokens(batch, length, cfg.vocab_size, 1)
         if kind == "train":
             runner: Any = TrainRunner(model.loss, model.params, tokens, options)
-        else:
+        elif kind == "forward":
             runner = ForwardRunner(model.forward, model.params, tokens, options)
+        else:
+            runner = GenerateRunner(model, tokens, new_tokens)
         return common.Case(name, runner.prepare, runner.run)
 
     return build
@@ -85,15 +130,23 @@ def measure(
     length: int,
     args: argparse.Namespace,
     log: Callable[[str], None],
+    new_tokens: int = 0,
 ) -> list[dict[str, Any]]:
-    log(f"{section}: {kind} {batch} x {length} ...")
-    builders = [(str(v), _variant_builder(kind, base, v, batch, length)) for v in variants]
+    """Times `variants` of one case alternately; `new_tokens` only for kind "generate"
+    (`length` is then the prompt's)."""
+    log(f"{section}: {kind} {batch} x {length} {f'+ {new_tokens}' if new_tokens else ''}...")
+    builders = [
+        (str(v), _variant_builder(kind, base, v, batch, length, new_tokens)) for v in variants
+    ]
     repeats = args.repeats if length < 8192 else args.long_repeats
     records = []
     for case, overrides in zip(run_cases(builders, repeats, args.warmup), variants, strict=True):
         rec = common.case_record(case, kind=kind, batch=batch, length=length, **overrides)
+        if kind == "generate":
+            rec["new_tokens"] = new_tokens
         if rec.get("median_ms"):
-            rec["tokens_per_s"] = round(batch * length / (rec["median_ms"] / 1e3), 1)
+            done = batch * (new_tokens or length)
+            rec["tokens_per_s"] = round(done / (rec["median_ms"] / 1e3), 1)
         records.append(rec)
     reference = next((r for r, v in zip(records, variants, strict=True) if v == UNROLLED), None)
     for rec in records:
@@ -111,6 +164,19 @@ def measure(
     return records
 
 
+def decode_ms_per_token(
+    records: list[dict[str, Any]], new_tokens: int, log: Callable[[str], None]
+) -> None:
+    """Adds (t(T) − t(1)) / (T − 1) of medians to each variant's T-token record."""
+    one = {r["model"]: r for r in records if r.get("new_tokens") == 1}
+    for rec in records:
+        short = one.get(rec["model"], {})
+        if rec.get("new_tokens") == new_tokens > 1 and rec.get("median_ms") and short:
+            per = (rec["median_ms"] - short["median_ms"]) / (new_tokens - 1)
+            rec["decode_ms_per_token"] = round(per, 3)
+            log(f"  {rec['model']}: decode {rec['decode_ms_per_token']} ms per token")
+
+
 def render(results: dict[str, Any]) -> str:
     out = []
     for section, title in (
@@ -118,6 +184,7 @@ def render(results: dict[str, Any]) -> str:
         ("attention", "Attention kernels"),
         ("layers", "Scanned vs unrolled layers"),
         ("compiler", "Compiler options: the platform's against XLA's defaults"),
+        ("generate", "Generation (greedy, prefill + decode)"),
     ):
         rows = []
         for r in results.get(section, []):
@@ -125,7 +192,8 @@ def render(results: dict[str, Any]) -> str:
             rows.append(
                 [
                     r["kind"],
-                    f"{r['batch']} x {r['length']}",
+                    f"{r['batch']} x {r['length']}"
+                    + (f" + {r['new_tokens']}" if r.get("new_tokens") else ""),
                     r["model"],
                     common.fmt(r.get("lower_plus_compile_s"), ".1f"),
                     f"{common.fmt(r.get('median_ms'))} ({common.fmt(r.get('min_ms'))}-"
@@ -151,6 +219,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--remat-lengths", type=common.int_list, default=[512, 8192])
     p.add_argument("--train-batch", type=int, default=4, help="batch of the 512-token steps")
     p.add_argument("--forward-length", type=int, default=32768)
+    p.add_argument("--prompt", type=int, default=384, help="prompt tokens of the generate section")
+    p.add_argument("--new-tokens", type=int, default=256, help="tokens generated per call")
     p.add_argument("--sections", type=common.str_list, default=list(SECTIONS))
     p.add_argument(
         "--dtype",
@@ -165,6 +235,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.remat_lengths = [128]
         args.train_batch = 1
         args.forward_length = 256
+        args.prompt, args.new_tokens = 16, 8
     unknown = sorted(set(args.sections) - set(SECTIONS))
     if unknown:
         p.error(f"unknown sections {unknown}")
@@ -222,6 +293,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         ) + measure(
             "compiler", "forward", base, forward_variants, 1, args.forward_length, args, log
         )
+        common.write_json(args.out, results)
+    if "generate" in args.sections:
+        layouts = [{"scan_layers": True}, UNROLLED]
+        results["generate"] = []
+        for new in (args.new_tokens, 1):
+            results["generate"] += measure(
+                "generate", "generate", base, layouts, 1, args.prompt, args, log, new
+            )
+        decode_ms_per_token(results["generate"], args.new_tokens, log)
         common.write_json(args.out, results)
     results["elapsed_s"] = round(time.perf_counter() - start, 1)
     common.write_json(args.out, results)

@@ -58,14 +58,17 @@ def test_startup_benchmark_measures_each_variant_in_a_fresh_process(tmp_path: Pa
 
 
 @pytest.mark.slow
-def test_variants_benchmark_compares_attention_kernels(tmp_path: Path) -> None:
+def test_variants_benchmark_compares_attention_kernels_and_generation_layouts(
+    tmp_path: Path,
+) -> None:
     from benchmarks import bench_variants
 
     out = tmp_path / "variants.json"
-    data = bench_variants.main(["--quick", "--sections", "attention", "--out", str(out)])
-    assert json.loads(out.read_text())["attention"] == json.loads(
-        json.dumps(data["attention"], default=str)
-    )
+    args = ["--quick", "--sections", "attention,generate", "--out", str(out)]
+    data = bench_variants.main(args)
+    written = json.loads(out.read_text())
+    for section in ("attention", "generate"):
+        assert written[section] == json.loads(json.dumps(data[section], default=str))
     kernels = [(r["kind"], r["attention_impl"]) for r in data["attention"]]
     assert kernels == [
         ("train", "xla"),
@@ -78,6 +81,24 @@ def test_variants_benchmark_compares_attention_kernels(tmp_path: Path) -> None:
         tokens = r["batch"] * r["length"]
         assert r["tokens_per_s"] == pytest.approx(tokens / (r["median_ms"] / 1e3), abs=0.06)
         assert r["memory"]["peak_estimate_mib"] > 0
+    # Generation: both layouts at T = 8 new tokens and at T = 1 (the prefill alone).
+    generate = data["generate"]
+    assert [(r["scan_layers"], r["new_tokens"]) for r in generate] == [
+        (True, 8),
+        (False, 8),
+        (True, 1),
+        (False, 1),
+    ]
+    one = {r["scan_layers"]: r["median_ms"] for r in generate if r["new_tokens"] == 1}
+    for r in generate:
+        assert "error" not in r, r
+        assert r["length"] == 16 and r["lower_plus_compile_s"] > 0
+        assert r["tokens_per_s"] == pytest.approx(
+            r["new_tokens"] / (r["median_ms"] / 1e3), abs=0.06
+        )
+        if r["new_tokens"] == 8:
+            per_token = (r["median_ms"] - one[r["scan_layers"]]) / 7
+            assert r["decode_ms_per_token"] == pytest.approx(per_token, abs=1e-3)
 
 
 @pytest.mark.slow
