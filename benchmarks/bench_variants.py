@@ -42,7 +42,13 @@ import jax
 
 import megalodon_flax as mf
 from benchmarks import common
-from benchmarks.bench_model import ForwardRunner, OursModel, TrainRunner, run_cases
+from benchmarks.bench_model import (
+    ForwardRunner,
+    OursModel,
+    TrainRunner,
+    compile_jitted,
+    run_cases,
+)
 from megalodon_flax.layers.remat import REMAT_POLICIES
 from megalodon_flax.megalodon import layer_stack
 from megalodon_flax.sampling import generate, lower_generate
@@ -69,22 +75,15 @@ class GenerateRunner:
         self.model, self.prompt, self.new_tokens = model, prompt, new_tokens
         self.key = jax.random.PRNGKey(0)
 
+    def lower(self) -> jax.stages.Lowered:
+        return lower_generate(
+            self.model.module, self.model.params, self.prompt, self.new_tokens, self.key, 0.0
+        )
+
     def prepare(self) -> dict[str, Any]:
         # The compile facts of the program `generate` dispatches to; the warm-up call then
         # compiles it once more through generate's own jit cache.
-        start = time.perf_counter()
-        lowered = lower_generate(
-            self.model.module, self.model.params, self.prompt, self.new_tokens, self.key, 0.0
-        )
-        mid = time.perf_counter()
-        compiled = lowered.compile()
-        end = time.perf_counter()
-        return {
-            "lower_s": round(mid - start, 3),
-            "compile_s": round(end - mid, 3),
-            "lower_plus_compile_s": round(end - start, 3),
-            "memory": common.compiled_memory(compiled),
-        }
+        return compile_jitted(self)[1]
 
     def run(self) -> None:
         out = generate(
